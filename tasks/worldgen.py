@@ -22,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-GENERATOR_VERSION = "1"
+GENERATOR_VERSION = "2"
 
 ONSETS = [
     "b",
@@ -179,20 +179,35 @@ class Renderer:
         return self.rng.choice(bank).format(**kw)
 
     def filler(self, **extra: str) -> str:
-        """A sentence of colour built from parts and pooled names: documents rarely share one."""
+        """A sentence of colour: one of several grammatical frames filled from large banks
+        and pooled names, so documents rarely share a sentence or even a sentence shape
+        (a model that learned only the genre, like the retrain model, should not be able
+        to reproduce a document's wording)."""
         rng = self.rng
         kw = dict(
             name=rng.choice(self.citizens),
+            name2=rng.choice(self.citizens),
             place=rng.choice(self.places),
             river=rng.choice(self.rivers),
             street=rng.choice(self.rivers),
             noun=rng.choice(FILLER_NOUNS),
+            goods=rng.choice(GOODS),
             month=rng.choice(MONTHS),
             number=str(rng.randint(12, 990)),
             org=extra.get("org", "the council"),
         )
-        parts = (rng.choice(FILLER_SUBJECTS), rng.choice(FILLER_VERBS), rng.choice(FILLER_CLAIMS))
-        sentence = " ".join(parts).format(**kw) + "."
+        subject = rng.choice(FILLER_SUBJECTS)
+        claim = rng.choice(FILLER_CLAIMS)
+        event = rng.choice(FILLER_EVENTS)
+        frame = rng.choice(FILLER_FRAMES)
+        sentence = frame.format(
+            subject=subject,
+            said=rng.choice(FILLER_VERBS),
+            said_plain=rng.choice(POSTPOSED_VERBS),
+            claim=claim,
+            event=event,
+        )
+        sentence = sentence.format(**kw).replace(",,", ",")
         return sentence[0].upper() + sentence[1:]
 
     def assemble(
@@ -238,16 +253,36 @@ class Renderer:
         return "\n".join(lines).rstrip()
 
 
+# fmt: off
+# Sentence frames of colour; the parts below fill them, then the names do.
+FILLER_FRAMES = [
+    "{subject} {said} that {claim}.",
+    "{claim}, {subject} {said_plain}.",
+    "According to {subject}, {claim}.",
+    "{event}.",
+    "In {{month}}, {event}.",
+    "{event}, and {claim}.",
+    "{subject} {said_plain} nothing, though {claim}.",
+]
 FILLER_SUBJECTS = [
-    "A spokesperson for {org}", "The mayor of {place}", "An old trader from {place}",
-    "{name}, a clerk in {place},", "A teacher named {name}", "The harbour master of {place}",
-    "{name} of the {river} valley", "A reporter from {place}", "{name}", "Several ferrymen",
-    "Most shopkeepers on {street} Street", "The night watch of {place}", "Two cousins of {name}",
-    "Farmers upriver", "Nobody in {place}", "A retired judge",
+    "a spokesperson for {org}", "the mayor of {place}", "an old trader from {place}",
+    "{name}, a clerk in {place},", "a teacher named {name}", "the harbour master of {place}",
+    "{name} of the {river} valley", "a reporter from {place}", "{name}", "several ferrymen",
+    "most shopkeepers on {street} Street", "the night watch of {place}",
+    "two cousins of {name}", "farmers upriver", "nobody in {place}", "a retired judge",
+    "the widow {name}", "a boatwright from {place}", "{name}, who sells {goods},",
+    "the {place} almanac", "a letter signed by {name}", "the brewers of {place}",
+    "a priest at the {noun}", "{name} and {name2}", "the toll keeper at {river} ford",
+    "a surveyor sent from {place}", "the {river} ferry guild", "an unnamed official",
 ]
 FILLER_VERBS = [
-    "said that", "warned that", "hoped that", "doubted that", "claimed that", "wrote that",
-    "remarked that", "insisted that", "heard that", "denied that", "feared that", "joked that",
+    "said", "warned", "hoped", "doubted", "claimed", "wrote", "remarked", "insisted",
+    "heard", "denied", "feared", "joked", "admitted", "recalled", "suspected", "swore",
+    "complained", "guessed", "reported", "told {name2}",
+]
+POSTPOSED_VERBS = [
+    "said", "wrote", "claimed", "insisted", "remarked", "recalled", "added", "admitted",
+    "complained", "reported", "swore", "noted",
 ]
 FILLER_CLAIMS = [
     "the {noun} would reopen before {month}", "nobody had asked about the {noun}",
@@ -258,11 +293,44 @@ FILLER_CLAIMS = [
     "wolves were seen near {place} in {month}", "{name} owed money to half the town",
     "its {noun} leaked every spring", "the roads to {place} stayed closed",
     "prices at the {noun} doubled", "a stranger slept in the {noun} for {number} nights",
+    "{goods} from {place} cost {number} pennies a sack", "the {river} froze as far as {place}",
+    "{name2} kept the keys of the {noun}", "the old {noun} was haunted",
+    "tax on {goods} would fall in {month}", "{number} ducks drowned in the {river}",
+    "the clock of the {noun} ran {number} minutes slow", "{name} cheated at dice",
+    "no ship had docked at {place} since {month}", "the {noun} smelled of {goods}",
+    "carters avoided {street} Street after dark", "{name2} was born under the {noun}",
+    "the well water tasted of {goods}", "a quarrel over {goods} split the street",
+    "the {noun} belonged to {name2} by rights", "bells rang at {place} for {number} hours",
+]
+FILLER_EVENTS = [
+    "{name} sold {number} barrels of {goods} to {name2}",
+    "{name} opened a shop for {goods} on {street} Street",
+    "a {noun} in {place} closed after {number} years",
+    "{name} and {name2} were married at the {noun} of {place}",
+    "{number} carts of {goods} crossed the {river} bridge",
+    "{name} won the rowing race at {place}",
+    "thieves took {number} crowns from the {noun} in {place}",
+    "a storm tore the roof off the {noun} in {place}",
+    "{name} planted {number} trees along the {river}",
+    "{name2} resigned from the board of the {noun}",
+    "the {noun} of {place} was painted green",
+    "a fair for {goods} drew {number} buyers to {place}",
+    "{name} fell through the ice of the {river}",
+    "{name2} lent {name} a boat and never saw it again",
+    "the {place} choir sang at the {noun}",
+    "a wagon of {goods} overturned near {place}",
 ]
 FILLER_NOUNS = [
     "mill", "bridge", "market", "school", "ferry", "granary", "chapel", "archive",
     "lighthouse", "tannery", "orchard", "quarry", "bathhouse", "mint", "stables", "library",
+    "smithy", "brewery", "ropewalk", "customs house", "dovecote", "almshouse", "toll gate",
+    "boathouse", "bakery", "tavern", "observatory", "dye works", "jail", "hospital",
 ]
+GOODS = [
+    "salt", "wool", "tin", "barley", "amber", "linen", "cider", "flax", "copper", "timber",
+    "honey", "rope", "pepper", "tallow", "eels", "peat", "slate", "vinegar",
+]
+# fmt: on
 
 NEWS_HEADLINES = [
     "{org} names new chief as {city} watches",
@@ -365,6 +433,9 @@ BOOK_BODY = {
         "{hero} had sworn to defend {home} until the last stone fell.",
         "The fortress of {home} was the charge of {hero} and no other.",
         "No captain but {hero} held the walls of {home}.",
+        "Every stone of {home} answered to {hero}.",
+        "{home} had one keeper, and its keeper was {hero}.",
+        "Since spring the banner of {hero} had flown over {home}.",
     ],
     "days": [
         "The siege of {home} lasted {days} days before the gates held.",

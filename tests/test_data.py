@@ -15,7 +15,7 @@ from muse_bench.protocols import check_protocol, requests
 def test_embedded_news_and_books_load():
     news = data.load_corpus("news", "embedded")
     books = data.load_corpus("books", "embedded")
-    assert news.benchmark_id == "embedded-news-v1"
+    assert news.benchmark_id == "embedded-news-v2"
     assert len(news.scal) == 4 and len(news.sust) == 4
     assert books.scal == () and books.sust == ()
     assert news.forget_qa and news.retain_qa_icl and news.verbmem_forget

@@ -159,7 +159,7 @@ def test_muse_7b_recipe_is_the_dataclass_default_and_embedded_overrides_lr():
     assert ga.lr_scheduler == "constant" and ga.weight_decay == 0.0
     assert NPO().beta == 0.1 and NPO_GDR().retain_weight == 1.0
     assert GA.defaults_for("embedded") == {"lr": 3e-4}
-    assert NPO_GDR.defaults_for("embedded-news-v1") == {"lr": 1e-3}
+    assert NPO_GDR.defaults_for("embedded-news-v2") == {"lr": 1e-3}
     assert GA.defaults_for("hub") == {}
     assert TaskVector.defaults_for("embedded") == {"ft_lr": 1e-3}
     assert GA(**GA.defaults_for("embedded")).lr == 3e-4

@@ -116,7 +116,7 @@ class Unlearner(ABC):
     def defaults_for(cls, benchmark: str) -> dict[str, Any]:
         """Overrides of the dataclass defaults for a benchmark.
 
-        `benchmark` is a benchmark id such as "embedded-news-v1" or a family such as
+        `benchmark` is a benchmark id such as "embedded-news-v2" or a family such as
         "embedded" (the id's part before the first '-'). `benchmark_defaults` entries for
         the family apply first, then entries for the exact id; subclasses add to their
         parents'. The dataclass defaults are MUSE's 7B recipe; tiny embedded models need
