@@ -18,6 +18,7 @@ from muse_bench.engines import (
     fit_prompt,
     make_engine,
 )
+from muse_bench.engines.base import stop_settled
 from muse_bench.errors import ConfigError
 
 PROMPTS = [
@@ -61,6 +62,78 @@ def test_batched_generate_equals_one_at_a_time(tiny_tokenizer, seed):
     assert len(set(expected)) > 3  # the outputs really differ between prompts
     assert engine.generate([], 5) == []
     assert engine.generate(PROMPTS[:2], 0) == ["", ""]
+
+
+@pytest.mark.parametrize(
+    "text, stops, settled",
+    [
+        ("abc", ["\n\n"], False),  # no stop string yet
+        ("ab\n\nc", ["\n\n"], True),
+        ("x\nQuestion", ["\n\n", "\nQuestion", "Question:"], True),
+        ("abc", ["abcd", "c"], False),  # "abcd" may still complete before "c" at 2
+        ("abce", ["abcd", "c"], True),  # now it cannot: the cut is at 2
+        ("abcd", ["abcd", "c"], True),
+        ("", ["\n"], False),
+        ("a\n", [], False),
+    ],
+)
+def test_stop_settled_by_hand(text, stops, settled):
+    assert stop_settled(text, stops) is settled
+
+
+def _cut(text: str, stops: list[str]) -> str:
+    ends = [i for i in (text.find(s) for s in stops) if i >= 0]
+    return text[: min(ends, default=len(text))]
+
+
+@pytest.mark.parametrize("stops", [["e"], [" ", "\n"], ["an", "a"], ["zzzz"]])
+def test_generate_with_stop_strings_keeps_the_text_before_the_stop(tiny_tokenizer, stops):
+    model = make_tiny_model(tiny_tokenizer, seed=0)
+    with torch.no_grad():
+        model.model.embed_tokens.weight.mul_(20)
+    engine = HFEngine(model=model, tokenizer=tiny_tokenizer, batch_size=3)
+    full = engine.generate(PROMPTS, 24)
+    early = engine.generate(PROMPTS, 24, stop=stops)
+    for f, e in zip(full, early, strict=True):
+        assert f.startswith(e)  # the same greedy path, possibly cut short
+        assert _cut(e, stops) == _cut(f, stops)
+    if stops != ["zzzz"]:
+        assert sum(map(len, early)) < sum(map(len, full))  # it really stopped early
+    else:
+        assert early == full
+
+
+class ShapeRecorder(torch.nn.Module):
+    """Passes calls through to a causal LM and records the input_ids shape of each."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+        self.shapes: list[tuple[int, ...]] = []
+
+    def forward(self, **kw):
+        self.shapes.append(tuple(kw["input_ids"].shape))
+        return self.inner(**kw)
+
+
+def test_shared_prompt_prefix_is_prefilled_once_with_equal_outputs(tiny_tokenizer):
+    model = make_tiny_model(tiny_tokenizer, seed=1)
+    with torch.no_grad():
+        model.model.embed_tokens.weight.mul_(20)
+    few_shot = "".join(f"Question: Who built bridge {i}?\nAnswer: Mason {i}\n\n" for i in range(4))
+    # Prompts end differently (a random model's output depends mostly on the last tokens).
+    prompts = [few_shot + p for p in PROMPTS if p]
+    recorder = ShapeRecorder(model)
+    engine = HFEngine(model=recorder, tokenizer=tiny_tokenizer, batch_size=8)
+    batched = engine.generate(prompts, 12)
+    expected = [reference_generate(model, tiny_tokenizer, p, 12) for p in prompts]
+    assert batched == expected
+    assert len(set(expected)) > 1
+    ids = tiny_tokenizer(prompts)["input_ids"]
+    common = next(i for i in range(min(map(len, ids))) if len({tuple(x[: i + 1]) for x in ids}) > 1)
+    assert recorder.shapes[0] == (1, common)  # the shared prefix, once
+    assert recorder.shapes[1][0] == len(prompts)
+    assert recorder.shapes[1][1] == max(map(len, ids)) - common  # then only the rests
 
 
 class ScriptedLM(torch.nn.Module):
@@ -224,3 +297,33 @@ def test_engine_runs_in_eval_mode_and_restores_it(tiny_tokenizer):
     assert engine.generate(PROMPTS[:2], 5) == HFEngine(
         model=model.eval(), tokenizer=tiny_tokenizer
     ).generate(PROMPTS[:2], 5)
+
+
+def test_reserved_kv_cache_gives_the_same_logits_and_regrows(tiny_tokenizer):
+    from muse_bench.engines.kv_reserve import ReservedLayer, reserve
+
+    model = make_tiny_model(tiny_tokenizer, seed=2).eval()
+    ids = torch.tensor([tiny_tokenizer("The council of Dunmere voted")["input_ids"]] * 2)
+    steps = torch.randint(5, 300, (2, 6))
+
+    def decode(room: int | None) -> tuple[list[torch.Tensor], object]:
+        with torch.no_grad():
+            out = model(input_ids=ids, use_cache=True)
+            past = out.past_key_values if room is None else reserve(out.past_key_values, room)
+            logits = [out.logits]
+            for j in range(steps.shape[1]):
+                out = model(input_ids=steps[:, j : j + 1], past_key_values=past, use_cache=True)
+                past = out.past_key_values
+                logits.append(out.logits)
+        return logits, past
+
+    plain, plain_cache = decode(None)
+    for room in (2, 6, 50):  # too little room (regrows), exactly enough, plenty
+        reserved, cache = decode(room)
+        assert all(type(layer) is ReservedLayer for layer in cache.layers)
+        for a, b in zip(plain, reserved, strict=True):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+        assert cache.get_seq_length() == plain_cache.get_seq_length()
+    cache.batch_repeat_interleave(3)
+    assert cache.layers[0].keys.shape[0] == 6
+    assert torch.equal(cache.layers[0].keys[1], plain_cache.layers[0].keys[0])

@@ -425,8 +425,8 @@ class _NoStatsEngine:
         self.inner = inner
         self.tokenizer = inner.tokenizer
 
-    def generate(self, prompts, max_new_tokens, *, desc=None):
-        return self.inner.generate(prompts, max_new_tokens, desc=desc)
+    def generate(self, prompts, max_new_tokens, *, stop=(), desc=None):
+        return self.inner.generate(prompts, max_new_tokens, stop=stop, desc=desc)
 
     def token_logprobs(self, texts, with_stats=False, *, desc=None):
         assert not with_stats

@@ -77,6 +77,25 @@ def fit_prompt(
     return ids[len(ids) - budget :]
 
 
+def stop_settled(text: str, stops: Sequence[str]) -> bool:
+    """Whether `text` holds a stop string that no continuation can move.
+
+    True when some stop string occurs in `text` and no other stop string could still
+    complete at an earlier start: every later token only appends, so the earliest stop
+    position (what the text is cut at) is then final.
+    """
+    found = [i for i in (text.find(s) for s in stops if s) if i >= 0]
+    if not found:
+        return False
+    first = min(found)
+    for s in stops:
+        # a stop that starts before `first` and is still incomplete would end with text
+        for start in range(max(0, len(text) - len(s) + 1), first):
+            if s.startswith(text[start:]):
+                return False
+    return True
+
+
 @runtime_checkable
 class Engine(Protocol):
     """What metrics need from a model: greedy continuations and per-token log-probs.
@@ -91,12 +110,20 @@ class Engine(Protocol):
     supports_stats: bool
 
     def generate(
-        self, prompts: Sequence[str], max_new_tokens: int, *, desc: str | None = None
+        self,
+        prompts: Sequence[str],
+        max_new_tokens: int,
+        *,
+        stop: Sequence[str] = (),
+        desc: str | None = None,
     ) -> list[str]:
         """Greedy-decode up to `max_new_tokens` after each prompt (encoded with BOS).
 
-        Returns only the decoded new text of each prompt, stopped at EOS. `desc`, when
-        given, labels a progress bar.
+        Returns only the decoded new text of each prompt, stopped at EOS. With `stop`, an
+        engine may end a prompt's decoding early once `stop_settled` says the text before
+        the earliest stop string can no longer change; callers that pass `stop` must only
+        use that text (the rest may be shorter than without `stop`). `desc`, when given,
+        labels a progress bar.
         """
         ...
 

@@ -9,7 +9,15 @@ from typing import Any
 
 import torch
 
-from muse_bench.engines.base import DECODE_KWARGS, ENGINES, TokenScores, encode_texts, fit_prompt
+from muse_bench.engines.base import (
+    DECODE_KWARGS,
+    ENGINES,
+    TokenScores,
+    encode_texts,
+    fit_prompt,
+    stop_settled,
+)
+from muse_bench.engines.kv_reserve import reserve
 from muse_bench.errors import ConfigError
 
 
@@ -18,6 +26,25 @@ def _length_sorted_batches(lengths: Sequence[int], batch_size: int) -> Iterator[
     order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
     for start in range(0, len(order), batch_size):
         yield order[start : start + batch_size]
+
+
+#: Shortest shared prompt prefix worth a prefill of its own.
+MIN_SHARED_PREFIX = 16
+
+
+def _repeat_cache(cache: Any, n: int) -> Any:
+    """`cache` (one row) repeated to `n` rows, or None if it cannot be.
+
+    Hugging Face caches repeat in place (`batch_repeat_interleave`); a tuple of caches
+    (a wrapper that runs several models, such as WHP) repeats each member.
+    """
+    if hasattr(cache, "batch_repeat_interleave"):
+        cache.batch_repeat_interleave(n)
+        return cache
+    if isinstance(cache, tuple) and cache:
+        members = [_repeat_cache(c, n) for c in cache]
+        return None if any(m is None for m in members) else tuple(members)
+    return None
 
 
 @contextmanager
@@ -48,7 +75,10 @@ class HFEngine:
     `.logits` and `.past_key_values` of the result are read, so a wrapper module that
     implements just that forward (an inference-time unlearner such as WHP) works too.
     Generation uses `use_cache=True` (with `past_key_values=None` on the first step, then
-    whatever cache object the model returned); scoring uses `past_key_values=None,
+    whatever cache object the model returned); when all prompts of a batch share a long
+    token prefix, the prefix is run once for one row and its cache repeated to the batch
+    (only for caches with `batch_repeat_interleave`, or tuples of them). Scoring uses
+    `past_key_values=None,
     use_cache=False`. Models whose forward names a `logits_to_keep` parameter (Hugging Face
     causal LMs) also get `logits_to_keep=1` while generating, to save memory. The model
     runs in eval mode; its previous mode is restored afterwards.
@@ -124,9 +154,18 @@ class HFEngine:
 
     # ------------------------------------------------------------------ generation
     def generate(
-        self, prompts: Sequence[str], max_new_tokens: int, *, desc: str | None = None
+        self,
+        prompts: Sequence[str],
+        max_new_tokens: int,
+        *,
+        stop: Sequence[str] = (),
+        desc: str | None = None,
     ) -> list[str]:
-        """Greedy-decode up to `max_new_tokens` after each prompt; return the new text only."""
+        """Greedy-decode up to `max_new_tokens` after each prompt; return the new text only.
+
+        A row stops early once its text up to the earliest of `stop` is settled; a batch
+        ends when every row has stopped.
+        """
         if max_new_tokens < 0:
             raise ConfigError(f"max_new_tokens must be >= 0, not {max_new_tokens}.")
         if max_new_tokens == 0:
@@ -139,32 +178,39 @@ class HFEngine:
         results: list[str] = [""] * len(encoded)
         with _progress(len(encoded), desc) as bar, _eval_mode(self.model):
             for batch in _length_sorted_batches([len(x) for x in encoded], self.batch_size):
-                new_tokens = self._greedy([encoded[i] for i in batch], max_new_tokens)
+                new_tokens = self._greedy([encoded[i] for i in batch], max_new_tokens, stop)
                 for i, toks in zip(batch, new_tokens, strict=True):
                     results[i] = self.tokenizer.decode(toks, **DECODE_KWARGS)
                 bar.update(len(batch))
         return results
 
     @torch.inference_mode()
-    def _greedy(self, rows: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+    def _greedy(
+        self, rows: list[list[int]], max_new_tokens: int, stop: Sequence[str] = ()
+    ) -> list[list[int]]:
         """New token ids of each row (EOS and anything after it dropped)."""
-        n, width = len(rows), max(len(r) for r in rows)
+        n = len(rows)
+        extra = {"logits_to_keep": 1} if self._logits_to_keep else {}
+        # Prompts that open alike (knowmem's few-shot prefix) share one prefill of the
+        # common tokens; each row then only prefills its own rest.
+        shared, past = self._shared_prefix_cache(rows, extra)
+        rests = [row[shared:] for row in rows]
+        width = max(len(r) for r in rests)
         input_ids = torch.full((n, width), self.pad_id, dtype=torch.long)
-        attention_mask = torch.zeros((n, width), dtype=torch.long)
-        for b, row in enumerate(rows):
-            input_ids[b, width - len(row) :] = torch.tensor(row, dtype=torch.long)
-            attention_mask[b, width - len(row) :] = 1
+        attention_mask = torch.zeros((n, shared + width), dtype=torch.long)
+        attention_mask[:, :shared] = 1
+        for b, rest in enumerate(rests):
+            input_ids[b, width - len(rest) :] = torch.tensor(rest, dtype=torch.long)
+            attention_mask[b, shared + width - len(rest) :] = 1
         input_ids = input_ids.to(self.device)
         attention_mask = attention_mask.to(self.device)
         # Positions count real tokens only, so a left-padded row sees the same positions
         # as the unpadded prompt; pad slots get 0 (they are masked out anyway).
-        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)[:, shared:]
         next_position = attention_mask.sum(-1, keepdim=True)
         eos = torch.tensor(self.eos_ids, dtype=torch.long, device=self.device)
         finished = torch.zeros(n, dtype=torch.bool, device=self.device)
         generated: list[torch.Tensor] = []
-        past = None
-        extra = {"logits_to_keep": 1} if self._logits_to_keep else {}
         for step in range(max_new_tokens):
             out = self.model(
                 input_ids=input_ids,
@@ -175,10 +221,14 @@ class HFEngine:
                 **extra,
             )
             past = out.past_key_values
+            if step == 0:  # room for the tokens to come: no cache copy per step
+                past = reserve(past, max_new_tokens - 1)
             token = out.logits[:, -1, :].argmax(dim=-1)
             token = torch.where(finished, torch.full_like(token, self.pad_id), token)
             generated.append(token)
             finished |= torch.isin(token, eos)
+            if stop:
+                finished |= self._stopped(generated, finished, stop)
             if step == max_new_tokens - 1 or bool(finished.all()):
                 break
             input_ids = token[:, None]
@@ -192,6 +242,43 @@ class HFEngine:
             end = next((j for j, t in enumerate(row) if t in eos_set), len(row))
             cut.append(row[:end])
         return cut
+
+    def _shared_prefix_cache(self, rows: list[list[int]], extra: dict[str, Any]) -> tuple[int, Any]:
+        """(length, cache) of the token prefix every row shares, prefilled once.
+
+        The prefix stops one token short of the shortest row, so every row still feeds a
+        token of its own. (0, None) when the prefix is short, the batch is a single row,
+        or the model's cache cannot be repeated along the batch (then rows prefill alone).
+        """
+        shortest = min(len(r) for r in rows)
+        shared = 0
+        while shared < shortest - 1 and all(r[shared] == rows[0][shared] for r in rows):
+            shared += 1
+        if len(rows) < 2 or shared < MIN_SHARED_PREFIX:
+            return 0, None
+        ids = torch.tensor([rows[0][:shared]], dtype=torch.long, device=self.device)
+        out = self.model(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            position_ids=torch.arange(shared, device=self.device)[None, :],
+            past_key_values=None,
+            use_cache=True,
+            **extra,
+        )
+        cache = _repeat_cache(out.past_key_values, len(rows))
+        return (shared, cache) if cache is not None else (0, None)
+
+    def _stopped(
+        self, generated: list[torch.Tensor], finished: torch.Tensor, stop: Sequence[str]
+    ) -> torch.Tensor:
+        """Rows not yet finished whose decoded text has settled on a stop string."""
+        tokens = torch.stack(generated, dim=1).tolist()
+        done = finished.tolist()
+        hit = [
+            not d and stop_settled(self.tokenizer.decode(row, **DECODE_KWARGS), stop)
+            for row, d in zip(tokens, done, strict=True)
+        ]
+        return torch.tensor(hit, dtype=torch.bool, device=finished.device)
 
     # ------------------------------------------------------------------ scoring
     def token_logprobs(

@@ -77,9 +77,19 @@ class VLLMEngine:
         return [{"prompt_token_ids": x} for x in ids]
 
     def generate(
-        self, prompts: Sequence[str], max_new_tokens: int, *, desc: str | None = None
+        self,
+        prompts: Sequence[str],
+        max_new_tokens: int,
+        *,
+        stop: Sequence[str] = (),
+        desc: str | None = None,
     ) -> list[str]:
-        """Greedy-decode up to `max_new_tokens` after each prompt; return the new text only."""
+        """Greedy-decode up to `max_new_tokens` after each prompt; return the new text only.
+
+        `stop` is accepted but not passed to vLLM: vLLM cuts at the first stop string it
+        detects, which for some stop sets is not the earliest one to start, and continuous
+        batching already keeps finished rows from costing steps.
+        """
         if max_new_tokens <= 0:
             return ["" for _ in prompts]
         bos = self.tokenizer.bos_token_id

@@ -45,7 +45,10 @@ def eval_knowmem(
     """
     prefix = icl_prefix(icl)
     outputs = engine.generate(
-        [knowmem_prompt(prefix, p.question) for p in qa], max_new_tokens, desc=desc
+        [knowmem_prompt(prefix, p.question) for p in qa],
+        max_new_tokens,
+        stop=STOP_STRINGS,
+        desc=desc,
     )
     answers = [cut_answer(o) for o in outputs]
     scores = rouge_l_f1_many(answers, [p.answer for p in qa])
