@@ -756,6 +756,17 @@ def _check_resumable(work_dir: Path, latest: int, fingerprint: dict[str, Any]) -
     )
 
 
+def make_adamw(groups: list[dict[str, Any]], lr: float) -> torch.optim.AdamW:
+    """AdamW, fused into one kernel per step where torch has one for these parameters.
+
+    PyTorch's default on CPU is a Python loop over the tensors (8 ms a step for the
+    embedded model against 2.6 ms fused); the update is the same AdamW.
+    """
+    params = [p for g in groups for p in g["params"]]
+    fusable = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
+    return torch.optim.AdamW(groups, lr=lr, fused=True if fusable and params else None)
+
+
 def _param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     # Like transformers' Trainer: no decay on biases and norm weights (1-D tensors).
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
@@ -889,7 +900,7 @@ def train(
 
         if config.gradient_checkpointing:
             enable_gradient_checkpointing(model)
-        optimizer = torch.optim.AdamW(_param_groups(model, config.weight_decay), lr=config.lr)
+        optimizer = make_adamw(_param_groups(model, config.weight_decay), config.lr)
         if start:
             _restore_state(epoch_dir(work_dir, start), optimizer, procs, adapters)
         else:
