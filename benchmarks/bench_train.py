@@ -33,7 +33,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch  # noqa: E402
 
 from muse_bench.packing import pack_texts, pad_batch  # noqa: E402
-from muse_bench.training import ReferenceProvider, TrainConfig, train  # noqa: E402
+from muse_bench.ref_logprobs import ReferenceProvider  # noqa: E402
+from muse_bench.training import TrainConfig, train  # noqa: E402
 from muse_bench.unlearners.losses import npo_loss, sequence_logprob, token_nll  # noqa: E402
 
 BETA = 0.1

@@ -3,30 +3,21 @@
 MUSE's recipe: forget and retain text packed into `max_len` chunks that start with BOS,
 each forget chunk paired with a retain chunk, AdamW at a constant learning rate, a
 checkpoint every epoch. On top of it this loop adds exact resume (model, optimizer and
-RNG state in safetensors), a guard that stops on a non-finite loss, and `accelerate` so
-the same code runs on CPU, one GPU or several processes (DDP, see `muse_bench.distributed`:
-the optimisation does not depend on the number of processes).
+RNG state in safetensors, see `muse_bench.checkpoints` for the layout of `work_dir`), a
+guard that stops on a non-finite loss, and `accelerate` so the same code runs on CPU, one
+GPU or several processes (DDP, see `muse_bench.distributed`: the optimisation does not
+depend on the number of processes).
 
-Memory options, for 7B models on one GPU: LoRA adapters (`lora_rank`; merged into the
-weights before a model leaves the loop), gradient checkpointing, bf16 autocast, and for
-KL regularizers cached top-k reference distributions instead of a resident frozen copy
-(`ref_topk`).
-
-Layout of `work_dir`::
-
-    epoch_1/  model.safetensors, config.json, tokenizer files, trainer_state.json
-    epoch_2/  ... and, in the latest epoch only, trainer_state.safetensors
-              (optimizer moments, RNG state of every process, LoRA adapters; older copies
-              are deleted to save disk)
-
-An epoch directory counts as complete once its `trainer_state.json` exists; it is
-written last, by the main process only.
+Memory options, for 7B models on one GPU: LoRA adapters (`lora_rank`, see
+`muse_bench.lora`; merged into the weights before a model leaves the loop), gradient
+checkpointing, bf16 autocast, and for KL regularizers cached top-k reference
+distributions instead of a resident frozen copy (`ref_topk`, see
+`muse_bench.ref_logprobs`, which holds what losses read of the reference model).
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
 import functools
 import hashlib
 import json
@@ -35,356 +26,59 @@ import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from muse_bench.checkpoints import (
+    STATE_JSON,
+    STATE_TENSORS,
+    _check_resumable,
+    _load_weights,
+    _read_state,
+    _restore_state,
+    _rng_tensors,
+    _save_checkpoint,
+    completed_epochs,
+    epoch_dir,
+)
 from muse_bench.distributed import Processes
 from muse_bench.errors import ConfigError, TrainingError
-from muse_bench.io import atomic_write_json
-from muse_bench.models import save_model
+from muse_bench.lora import LLAMA_LORA_TARGETS, LoraAdapters
 from muse_bench.packing import pack_texts, pad_batch
+from muse_bench.ref_logprobs import Batch, ReferenceProvider, RefTopK, _to, token_logprobs
 
-Batch = dict[str, torch.Tensor]
-STATE_JSON = "trainer_state.json"
-STATE_TENSORS = "trainer_state.safetensors"
+__all__ = [
+    "MIXED_PRECISIONS",
+    "SCHEDULERS",
+    "EpochResult",
+    "LossFn",
+    "TrainConfig",
+    "collate",
+    "disable_gradient_checkpointing",
+    "enable_gradient_checkpointing",
+    "epoch_batches",
+    "epoch_plan",
+    "lr_factor",
+    "make_adamw",
+    "resolve_mixed_precision",
+    "train",
+    # Re-exported from the modules they moved to, for tests and code written against
+    # `muse_bench.training` (losses, resume checks); new code imports them from there.
+    "Batch",
+    "ReferenceProvider",
+    "RefTopK",
+    "token_logprobs",
+    "LLAMA_LORA_TARGETS",
+    "STATE_JSON",
+    "STATE_TENSORS",
+    "completed_epochs",
+    "epoch_dir",
+]
+
 SCHEDULERS = ("constant", "linear", "cosine")
 MIXED_PRECISIONS = ("auto", "no", "bf16")
-#: LoRA's default targets: every linear layer of a Llama block (not the embeddings/head).
-LLAMA_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-_FORMAT = 1
-
-
-def token_logprobs(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-    """Log-probability of every label token given its prefix, and the mask of real tokens.
-
-    Both are `[B, T-1]`: position t scores token t+1. Padding (label -100) has log-prob 0
-    and mask False. Computed in fp32 whatever the model's dtype.
-    """
-    logits = model(
-        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
-    ).logits
-    labels = batch["labels"][:, 1:]
-    nll = F.cross_entropy(
-        logits[:, :-1].flatten(0, 1).float(),
-        labels.flatten(),
-        ignore_index=-100,
-        reduction="none",
-    )
-    return -nll.view_as(labels), labels != -100
-
-
-class RefTopK(NamedTuple):
-    """The reference model's top-k next-token log-probabilities at each position of a batch.
-
-    `logprobs` and `indices` are `[B, T-1, k]` (position t predicts token t+1, as in
-    `token_logprobs`); `tail` is `[B, T-1]`, the log of the probability mass outside the
-    top k, or None when k is the whole vocabulary.
-    """
-
-    logprobs: torch.Tensor
-    indices: torch.Tensor
-    tail: torch.Tensor | None
-
-
-class ReferenceProvider:
-    """What the frozen original model says, for losses that compare against it.
-
-    The loop builds it from the model as it was before any training step (also when
-    resuming), so a loss never manages a second model itself:
-
-    - `forget_logprob(batch)`: log p_ref(x) of each forget chunk in the batch, computed once
-      before training and cached (NPO needs nothing else, so no second model stays resident);
-    - `logits(batch)`: next-token logits of a frozen copy of the model (KL regularizers);
-    - `topk(batch)`: instead of the copy (`ref_topk` > 0), the reference's top-k next-token
-      log-probabilities on the retain chunks, computed once and kept in CPU memory.
-    """
-
-    def __init__(
-        self,
-        forget_logprobs: torch.Tensor | None = None,
-        model: Callable[..., Any] | None = None,
-        topk: RefTopK | None = None,
-    ) -> None:
-        self._forget_logprobs = forget_logprobs
-        self._model = model
-        self._topk = topk
-
-    @classmethod
-    def build(
-        cls,
-        model: nn.Module,
-        forget_chunks: Sequence[torch.Tensor],
-        pad_id: int,
-        *,
-        logprobs: bool,
-        keep_model: bool,
-        batch_size: int,
-        topk: int = 0,
-        retain_chunks: Sequence[torch.Tensor] = (),
-        processes: Processes | None = None,
-        autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
-        reference: Callable[..., Any] | None = None,
-    ) -> ReferenceProvider:
-        """Cache what the losses will ask of the reference, from `model` as it is now.
-
-        `logprobs`: forget-chunk log-likelihoods. `keep_model`: reference logits, as a frozen
-        copy of `model` when `topk` is 0 (or `reference`, a model that already computes
-        them, such as LoRA's base with the adapters off), else as the top-`topk`
-        log-probabilities of every retain chunk (`retain_chunks`). With several processes
-        each computes a share and the results are summed, so every process ends with the
-        whole cache.
-        """
-        procs = processes or Processes()
-        cached = top = None
-        if logprobs:
-
-            def sequence(batch: Batch) -> list[torch.Tensor]:
-                return [token_logprobs(model, batch)[0].sum(-1)]
-
-            (cached,) = _sharded_forward(
-                model, forget_chunks, pad_id, batch_size, procs, autocast, sequence, [()]
-            )
-        frozen = None
-        if keep_model and topk:
-            if not retain_chunks:
-                raise ConfigError(
-                    "ref_topk caches reference distributions of the retain set, which is empty."
-                )
-            top = _topk_cache(model, retain_chunks, pad_id, batch_size, procs, autocast, topk)
-        elif keep_model and reference is not None:
-            frozen = reference
-        elif keep_model:
-            frozen = copy.deepcopy(model).eval().requires_grad_(False)
-        return cls(cached, frozen, top)
-
-    def forget_logprob(self, forget_batch: Batch) -> torch.Tensor:
-        """Cached reference sequence log-likelihood of each chunk of a forget batch, `[B]`."""
-        if self._forget_logprobs is None:
-            raise RuntimeError(
-                "this loss reads reference log-likelihoods; set `needs_ref_logprobs = True` "
-                "on the unlearner class."
-            )
-        index = forget_batch["index"]
-        return self._forget_logprobs.to(index.device)[index]
-
-    def logits(self, batch: Batch) -> torch.Tensor:
-        """Next-token logits of the frozen reference model on `batch` (no gradient)."""
-        if self._model is None:
-            if self._topk is not None:
-                raise RuntimeError(
-                    "with ref_topk > 0 the reference model is not kept, only its top-k "
-                    "distributions on the retain chunks: read them with `ref.topk(batch)`."
-                )
-            raise RuntimeError(
-                "this loss reads the reference model; set `needs_ref_model = True` "
-                "on the unlearner class."
-            )
-        with torch.no_grad():
-            return self._model(
-                input_ids=batch["input_ids"],
-                attention_mask=batch["attention_mask"],
-                use_cache=False,
-            ).logits
-
-    def topk(self, retain_batch: Batch) -> RefTopK | None:
-        """Cached top-k reference distributions of a retain batch; None without a cache."""
-        if self._topk is None:
-            return None
-        index = retain_batch["index"].cpu()
-        width = retain_batch["input_ids"].shape[1] - 1
-        device = retain_batch["input_ids"].device
-        logprobs, indices, tail = (
-            None if t is None else t[index, :width].to(device) for t in self._topk
-        )
-        return RefTopK(logprobs, indices.long(), tail)
-
-
-def _sharded_forward(
-    model: nn.Module,
-    chunks: Sequence[torch.Tensor],
-    pad_id: int,
-    batch_size: int,
-    procs: Processes,
-    autocast: Callable[[], contextlib.AbstractContextManager],
-    compute: Callable[[Batch], list[torch.Tensor]],
-    shapes: list[tuple[int, ...]],
-    dtypes: list[torch.dtype] | None = None,
-) -> list[torch.Tensor]:
-    """`compute(batch)` over all `chunks`, each process doing its share, results summed.
-
-    `compute` returns tensors whose first dim is the batch; `shapes` gives each result's
-    trailing shape (`[N, *shape]` in all, shorter batches zero-padded along dim 1).
-    """
-    device = next(model.parameters()).device
-    dtypes = dtypes or [torch.float32] * len(shapes)
-    n = len(chunks)
-    outs = [
-        torch.zeros((n, *s), dtype=d, device=device) for s, d in zip(shapes, dtypes, strict=True)
-    ]
-    lo, hi = procs.share(n)
-    was_training = model.training
-    model.eval()
-    with torch.no_grad(), autocast():
-        for start in range(lo, hi, batch_size):
-            stop = min(start + batch_size, hi)
-            batch = _to(pad_batch(chunks[start:stop], pad_id), device)
-            for out, part in zip(outs, compute(batch), strict=True):
-                if part.ndim == 1:
-                    out[start:stop] = part
-                else:
-                    out[start:stop, : part.shape[1]] = part
-    model.train(was_training)
-    return [procs.sum(out) for out in outs]
-
-
-def _topk_cache(model, chunks, pad_id, batch_size, procs, autocast, k: int) -> RefTopK:
-    vocab = model.config.vocab_size
-    k = min(k, vocab)
-    width = max(len(c) for c in chunks) - 1
-
-    def top(batch: Batch) -> list[torch.Tensor]:
-        logits = model(
-            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
-        ).logits[:, :-1]
-        logp = F.log_softmax(logits.float(), dim=-1)
-        values, indices = logp.topk(k, dim=-1)
-        parts = [values, indices.int()]
-        if k < vocab:
-            parts.append(logp.scatter(-1, indices, -math.inf).logsumexp(-1))
-        return parts
-
-    shapes = [(width, k), (width, k)] + ([(width,)] if k < vocab else [])
-    dtypes = [torch.float32, torch.int32] + ([torch.float32] if k < vocab else [])
-    parts = _sharded_forward(
-        model, chunks, pad_id, batch_size, procs, autocast, top, shapes, dtypes
-    )
-    parts = [p.cpu() for p in parts]
-    return RefTopK(parts[0], parts[1], parts[2] if k < vocab else None)
-
-
-class LoraAdapters:
-    """LoRA adapters (peft) injected into a model in place; only they train.
-
-    `merge()` turns the model back into a plain one whose adapted weights are W + ΔW, for a
-    candidate to be yielded, saved and evaluated like any other model; the exact W waits
-    in CPU memory, and `unmerge()` puts the adapters back and restores W bit for bit (a
-    subtraction would drift, badly in bf16). `release()` ends training: the model stays
-    plain (merged if it was) and its parameters get back their `requires_grad` flags.
-    """
-
-    ADAPTER = "default"
-
-    def __init__(
-        self,
-        model: nn.Module,
-        rank: int,
-        alpha: float,
-        dropout: float,
-        targets: Sequence[str],
-    ) -> None:
-        from peft import LoraConfig, inject_adapter_in_model
-        from peft.tuners.lora import LoraLayer
-
-        self._requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
-        config = LoraConfig(
-            r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(targets)
-        )
-        try:
-            inject_adapter_in_model(config, model, adapter_name=self.ADAPTER)
-        except ValueError as exc:
-            raise ConfigError(
-                f"LoRA found no layer named {', '.join(targets)} in this model; set "
-                "lora_target_modules to names of its linear layers."
-            ) from exc
-        modules = dict(model.named_modules())
-        self._layers: list[tuple[nn.Module, str, LoraLayer]] = []
-        for name, module in modules.items():
-            if isinstance(module, LoraLayer):
-                parent, _, attr = name.rpartition(".")
-                self._layers.append((modules[parent], attr, module))
-        # Adapters train in fp32 even on a bf16 model (peft's get_peft_model does the same).
-        self.params = {n: p for n, p in model.named_parameters() if "lora_" in n}
-        for name, param in model.named_parameters():
-            param.requires_grad_(name in self.params)
-        for param in self.params.values():
-            param.data = param.data.float()
-        self._model = model
-        self._saved: list[torch.Tensor] | None = None
-
-    @property
-    def merged(self) -> bool:
-        """Whether the model is currently plain, with W + ΔW in the adapted layers."""
-        return self._saved is not None
-
-    def merge(self, apply: bool = True) -> None:
-        """Make the model plain with W + ΔW (W alone if not `apply`), keeping W aside."""
-        if self.merged:
-            return
-        self._saved = []
-        with torch.no_grad():
-            for parent, attr, layer in self._layers:
-                base = layer.get_base_layer()
-                weight = base.weight
-                self._saved.append(weight.detach().to("cpu", copy=True))
-                if apply:
-                    delta = layer.get_delta_weight(self.ADAPTER).float()
-                    weight.copy_((weight.float() + delta).to(weight.dtype))
-                setattr(parent, attr, base)
-
-    def unmerge(self) -> None:
-        """Put the adapters back and restore the exact W; no-op if not merged."""
-        if self._saved is None:
-            return
-        with torch.no_grad():
-            for (parent, attr, layer), saved in zip(self._layers, self._saved, strict=True):
-                setattr(parent, attr, layer)
-                layer.get_base_layer().weight.copy_(saved)
-        self._saved = None
-
-    @contextlib.contextmanager
-    def disabled(self) -> Iterator[None]:
-        """The model without its adapters (exactly the frozen base) inside the block."""
-        if self.merged:
-            raise RuntimeError("the adapters are merged; there is no base model to run.")
-        for parent, attr, layer in self._layers:
-            setattr(parent, attr, layer.get_base_layer())
-        try:
-            yield
-        finally:
-            for parent, attr, layer in self._layers:
-                setattr(parent, attr, layer)
-
-    def base_model(self, **inputs: Any) -> Any:
-        """Run the original model: the base weights with the adapters off. A free, exact
-        reference for KL regularizers (no frozen copy)."""
-        with self.disabled():
-            return self._model(**inputs)
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        """The adapter weights, by their parameter names in the adapted model."""
-        return {n: p.detach() for n, p in self.params.items()}
-
-    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
-        """Load adapter weights written by `state_dict()`."""
-        if state.keys() != self.params.keys():
-            raise TrainingError(
-                "the checkpoint's LoRA adapters do not match this run's; use a fresh work directory."
-            )
-        with torch.no_grad():
-            for name, param in self.params.items():
-                param.copy_(state[name])
-
-    def release(self) -> None:
-        """Leave the model plain for good (merged if it was) with its original flags."""
-        if self._saved is None:
-            for parent, attr, layer in self._layers:
-                setattr(parent, attr, layer.get_base_layer())
-        self._saved = None
-        for name, param in self._model.named_parameters():
-            param.requires_grad_(self._requires_grad.get(name, param.requires_grad))
 
 
 LossFn = Callable[[nn.Module, Batch, "Batch | None", ReferenceProvider], torch.Tensor]
@@ -490,23 +184,6 @@ def disable_gradient_checkpointing(model: nn.Module) -> None:
         model.gradient_checkpointing_disable()
 
 
-def epoch_dir(work_dir: Path, epoch: int) -> Path:
-    """Where the checkpoint of `epoch` (1-based) lives."""
-    return Path(work_dir) / f"epoch_{epoch}"
-
-
-def completed_epochs(work_dir: Path | None) -> list[int]:
-    """Epochs with a complete checkpoint in `work_dir`, ascending."""
-    if work_dir is None or not Path(work_dir).is_dir():
-        return []
-    done = []
-    for child in Path(work_dir).iterdir():
-        name = child.name
-        if name.startswith("epoch_") and name[6:].isdigit() and (child / STATE_JSON).is_file():
-            done.append(int(name[6:]))
-    return sorted(done)
-
-
 def epoch_plan(
     n_forget: int, n_retain: int, epoch: int, seed: int, batch_size: int
 ) -> list[tuple[list[int], list[int]]]:
@@ -566,10 +243,6 @@ def epoch_batches(
     return [collate(forget_chunks, retain_chunks, f, r, pad_id) for f, r in plan]
 
 
-def _to(batch: Batch | None, device: torch.device) -> Batch | None:
-    return None if batch is None else {k: v.to(device) for k, v in batch.items()}
-
-
 def _digest(chunks: Sequence[torch.Tensor]) -> str:
     h = hashlib.sha256()
     for c in chunks:
@@ -620,140 +293,6 @@ def _make_accelerator(device: str):
             "and for 7B on 80 GB GPUs add -P gradient_checkpointing=true (or -P lora_rank=16)."
         )
     return accelerator
-
-
-def _load_weights(model: nn.Module, path: Path) -> None:
-    """Load the safetensors weights of checkpoint `path` into `model`, in place.
-
-    Weights in a subdirectory get its name as key prefix (`base/x.safetensors` holds
-    `base.*`), which covers composite models such as WHP's that save each part apart.
-    """
-    from safetensors.torch import load_file
-
-    files = sorted(f for f in path.rglob("*.safetensors") if f.name != STATE_TENSORS)
-    if not files:
-        raise TrainingError(f"checkpoint '{path}' has no model weights; delete it and rerun.")
-    device = next(model.parameters()).device
-    state: dict[str, torch.Tensor] = {}
-    for f in files:
-        prefix = "".join(f"{part}." for part in f.relative_to(path).parts[:-1])
-        state.update({prefix + k: v for k, v in load_file(f, device=str(device)).items()})
-    result = model.load_state_dict(state, strict=False)
-    # Tied weights (lm_head = embed_tokens) are saved once; they are fine if the tensor they
-    # share storage with was loaded.
-    own = model.state_dict()
-    loaded_ptrs = {own[k].data_ptr() for k in state if k in own}
-    missing = [k for k in result.missing_keys if own[k].data_ptr() not in loaded_ptrs]
-    if missing or result.unexpected_keys:
-        raise TrainingError(
-            f"checkpoint '{path}' does not fit this model (missing {missing[:3]}, "
-            f"unexpected {result.unexpected_keys[:3]}); use a fresh work directory."
-        )
-
-
-def _rng_tensors(procs: Processes) -> dict[str, torch.Tensor]:
-    """Every process's RNG state (a collective: all processes call it)."""
-    mine = {"cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        if procs.world == 1:
-            mine.update({f"cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
-        else:
-            mine["cuda"] = torch.cuda.get_rng_state()
-    states = procs.gather(mine)
-    if procs.world == 1:
-        return {f"rng.{k}": v for k, v in mine.items()}
-    out = {"rng.cpu": states[0]["cpu"].clone()}  # what a single-process resume reads
-    for rank, state in enumerate(states):
-        out.update({f"rng.{k}.rank{rank}": v for k, v in state.items()})
-    return out
-
-
-def _save_checkpoint(
-    path: Path,
-    model: nn.Module,
-    tokenizer,
-    optimizer,
-    state: dict[str, Any],
-    rng: dict[str, torch.Tensor],
-    adapters: LoraAdapters | None,
-) -> None:
-    from safetensors.torch import save_file
-
-    save_model(model, tokenizer, path)
-    tensors: dict[str, torch.Tensor] = dict(rng)
-    if adapters is not None:
-        tensors.update(
-            {f"lora.{k}": v.cpu().contiguous() for k, v in adapters.state_dict().items()}
-        )
-    extra: dict[str, dict[str, Any]] = {}
-    for pid, pstate in optimizer.state_dict()["state"].items():
-        for name, value in pstate.items():
-            if torch.is_tensor(value):
-                tensors[f"optim.{pid}.{name}"] = value.detach().cpu().contiguous()
-            else:
-                extra.setdefault(str(pid), {})[name] = value
-    tmp = path / f".{STATE_TENSORS}.tmp"
-    save_file(tensors, str(tmp))
-    os.replace(tmp, path / STATE_TENSORS)
-    atomic_write_json(path / STATE_JSON, {**state, "optimizer_extra": extra, "format": _FORMAT})
-
-
-def _restore_state(path: Path, optimizer, procs: Processes, adapters: LoraAdapters | None) -> None:
-    from safetensors.torch import load_file
-
-    if not (path / STATE_TENSORS).is_file():
-        raise TrainingError(
-            f"checkpoint '{path}' has no optimizer state ({STATE_TENSORS}), so training cannot "
-            "resume exactly; delete the epoch directories after the last complete one and rerun."
-        )
-    tensors = load_file(path / STATE_TENSORS)
-    if adapters is not None:
-        adapters.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("lora.")})
-    extra = _read_state(path).get("optimizer_extra", {})
-    state: dict[int, dict[str, Any]] = {}
-    for key, value in tensors.items():
-        kind, _, rest = key.partition(".")
-        if kind == "optim":
-            pid, _, name = rest.partition(".")
-            state.setdefault(int(pid), {})[name] = value
-    for pid, values in extra.items():
-        state.setdefault(int(pid), {}).update(values)
-    fresh = optimizer.state_dict()
-    optimizer.load_state_dict({"state": state, "param_groups": fresh["param_groups"]})
-    # This process's own stream when the checkpoint has one (same number of processes).
-    torch.set_rng_state(tensors.get(f"rng.cpu.rank{procs.rank}", tensors["rng.cpu"]))
-    if torch.cuda.is_available():
-        own = tensors.get(f"rng.cuda.rank{procs.rank}")
-        cuda = [
-            tensors[k] for k in sorted(tensors) if k.startswith("rng.cuda.") and "rank" not in k
-        ]
-        if own is not None:
-            torch.cuda.set_rng_state(own)
-        elif procs.world == 1 and len(cuda) == torch.cuda.device_count():
-            torch.cuda.set_rng_state_all(cuda)
-
-
-def _read_state(path: Path) -> dict[str, Any]:
-    with open(path / STATE_JSON, encoding="utf-8") as fh:
-        return json.load(fh)
-
-
-def _check_resumable(work_dir: Path, latest: int, fingerprint: dict[str, Any]) -> None:
-    saved = _read_state(epoch_dir(work_dir, latest)).get("fingerprint")
-    if saved == fingerprint:
-        return
-    diffs = []
-    for part in ("settings", "identity"):
-        old, new = (saved or {}).get(part, {}), fingerprint[part]
-        keys = list(new) + [k for k in old if k not in new]
-        diffs += [f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
-    for part in ("forget", "retain"):
-        if (saved or {}).get(part) != fingerprint[part]:
-            diffs.append(f"{part} data")
-    raise ConfigError(
-        f"'{work_dir}' holds checkpoints of a different run ({'; '.join(diffs) or 'format'} "
-        "differ); use another output directory or delete it."
-    )
 
 
 def make_adamw(groups: list[dict[str, Any]], lr: float) -> torch.optim.AdamW:

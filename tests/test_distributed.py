@@ -81,6 +81,7 @@ CASES = {
 def run_cases(setup_dir: str, out_dir: str) -> None:
     """Run every case from `setup_dir` (model, tokenizer, data.json) and write the results
     to `out_dir`. Called in-process for one process and by each torchrun process."""
+    import muse_bench.checkpoints as checkpoints
     import muse_bench.training as training
     from muse_bench.distributed import Processes
     from muse_bench.models import load_model_and_tokenizer
@@ -92,13 +93,13 @@ def run_cases(setup_dir: str, out_dir: str) -> None:
     data = json.loads((setup / "data.json").read_text())
     request = ForgetRequest("single", 1, tuple(data["forget"]), tuple(data["retain"]))
     saved: list[str] = []
-    original = training.save_model
+    original = checkpoints.save_model
 
     def counting_save(model, tokenizer, path):
         saved.append(Path(path).name)
         return original(model, tokenizer, path)
 
-    training.save_model = counting_save
+    checkpoints.save_model = counting_save
     results, finals = {}, {}
     try:
         for name, case in CASES.items():
@@ -121,7 +122,7 @@ def run_cases(setup_dir: str, out_dir: str) -> None:
             results[name] = losses
             finals[name] = {k: v.detach().clone() for k, v in final.state_dict().items()}
     finally:
-        training.save_model = original
+        checkpoints.save_model = original
     procs = Processes.current()
     from safetensors.torch import save_file
 

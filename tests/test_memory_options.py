@@ -326,12 +326,12 @@ class RecordedKLR(GA_KLR):
 
 
 def test_lora_klr_uses_the_base_weights_as_reference_without_a_copy(tiny_tokenizer, monkeypatch):
-    import muse_bench.training as training
+    import muse_bench.ref_logprobs as ref_logprobs
 
     def no_copy(obj, memo=None):
         raise AssertionError("LoRA runs must not copy the model for the KL reference")
 
-    monkeypatch.setattr(training, "copy", SimpleNamespace(deepcopy=no_copy))
+    monkeypatch.setattr(ref_logprobs, "copy", SimpleNamespace(deepcopy=no_copy))
     RecordedKLR.kls.clear()
     model = make_tiny_model(tiny_tokenizer, hidden=32, layers=2)
     RecordedKLR(lr=1e-2, epochs=2, batch_size=2, lora_rank=4).unlearn(

@@ -20,16 +20,10 @@ from torch import nn
 
 from muse_bench.errors import ConfigError, TrainingError
 from muse_bench.hparams import hyperparameters, params_dict, require
+from muse_bench.lora import LLAMA_LORA_TARGETS
+from muse_bench.ref_logprobs import Batch, ReferenceProvider
 from muse_bench.registry import Registry
-from muse_bench.training import (
-    LLAMA_LORA_TARGETS,
-    MIXED_PRECISIONS,
-    SCHEDULERS,
-    Batch,
-    ReferenceProvider,
-    TrainConfig,
-    train,
-)
+from muse_bench.training import MIXED_PRECISIONS, SCHEDULERS, TrainConfig, train
 from muse_bench.types import ForgetRequest
 
 from .losses import reference_kl, token_nll
