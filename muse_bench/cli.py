@@ -22,22 +22,63 @@ METRIC_HELP = {
 
 COMMON = [
     click.option("--corpus", required=True, help="Benchmark corpus: news or books."),
-    click.option("--source", default="embedded", show_default=True,
-                 help="embedded (built-in mini-MUSE), hub (MUSE on the Hugging Face hub), or a MUSE-layout directory."),
-    click.option("--target", default=None, help="Target model directory or hub id (overrides the benchmark's)."),
-    click.option("--retrain", default=None, help="Retrain model directory or hub id (overrides the benchmark's)."),
-    click.option("--out", default="runs", show_default=True, type=click.Path(path_type=Path),
-                 help="Output directory for runs, caches and leaderboard CSVs."),
+    click.option(
+        "--source",
+        default="embedded",
+        show_default=True,
+        help="embedded (built-in mini-MUSE), hub (MUSE on the Hugging Face hub), or a MUSE-layout directory.",
+    ),
+    click.option(
+        "--target",
+        default=None,
+        help="Target model directory or hub id (overrides the benchmark's).",
+    ),
+    click.option(
+        "--retrain",
+        default=None,
+        help="Retrain model directory or hub id (overrides the benchmark's).",
+    ),
+    click.option(
+        "--out",
+        default="runs",
+        show_default=True,
+        type=click.Path(path_type=Path),
+        help="Output directory for runs, caches and leaderboard CSVs.",
+    ),
     click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N or auto."),
-    click.option("--engine", default="hf", show_default=True, help="Evaluation engine: hf or vllm."),
-    click.option("--seed", default=0, show_default=True, type=int, help="Random seed (training and bootstrap)."),
-    click.option("--attack", default="min_k_40", show_default=True, help="MIA attack used for privleak."),
-    click.option("--batch-size", default=16, show_default=True, type=int, help="Evaluation batch size."),
-    click.option("--bootstrap", "n_bootstrap", default=1000, show_default=True, type=int,
-                 help="Bootstrap resamples for the 95% confidence intervals."),
+    click.option(
+        "--engine", default="hf", show_default=True, help="Evaluation engine: hf or vllm."
+    ),
+    click.option(
+        "--seed",
+        default=0,
+        show_default=True,
+        type=int,
+        help="Random seed (training and bootstrap).",
+    ),
+    click.option(
+        "--attack", default="min_k_40", show_default=True, help="MIA attack used for privleak."
+    ),
+    click.option(
+        "--batch-size", default=16, show_default=True, type=int, help="Evaluation batch size."
+    ),
+    click.option(
+        "--bootstrap",
+        "n_bootstrap",
+        default=1000,
+        show_default=True,
+        type=int,
+        help="Bootstrap resamples for the 95% confidence intervals.",
+    ),
     click.option("--force", is_flag=True, help="Redo a finished run instead of reusing it."),
-    click.option("--allow-pickle", is_flag=True, help="Allow loading pickle (.bin) weights, which can run code."),
-    click.option("--trust-remote-code", is_flag=True, help="Allow model repositories to run their own code."),
+    click.option(
+        "--allow-pickle",
+        is_flag=True,
+        help="Allow loading pickle (.bin) weights, which can run code.",
+    ),
+    click.option(
+        "--trust-remote-code", is_flag=True, help="Allow model repositories to run their own code."
+    ),
     click.option("--quiet", is_flag=True, help="No progress bars."),
 ]
 
@@ -78,27 +119,45 @@ def list_cmd() -> None:
     click.echo("\nCorpora (--corpus NAME; --source embedded|hub|DIR):")
     for name in CORPORA:
         c = load_corpus(name) if embedded_dir(name).is_dir() else None
-        models = all((embedded_models_dir(name) / m / "config.json").is_file() for m in ("target", "retrain"))
+        models = all(
+            (embedded_models_dir(name) / m / "config.json").is_file() for m in ("target", "retrain")
+        )
         if c is None:
             click.echo(f"  {name:10s} embedded data missing")
             continue
         folds = "scale+sustain" if c.has_scale else "single only (no scal/sust, like MUSE-Books)"
-        click.echo(f"  {name:10s} {c.benchmark_id}: forget {len(c.forget)}, retain1 {len(c.retain1)}, "
-                   f"retain2 {len(c.retain2)}, holdout {len(c.holdout)} docs; "
-                   f"{len(c.forget_qa)}/{len(c.retain_qa)} QA; {folds}; "
-                   f"models {'ready' if models else 'missing (muse prepare --rebuild)'}; hub: available online")
+        click.echo(
+            f"  {name:10s} {c.benchmark_id}: forget {len(c.forget)}, retain1 {len(c.retain1)}, "
+            f"retain2 {len(c.retain2)}, holdout {len(c.holdout)} docs; "
+            f"{len(c.forget_qa)}/{len(c.retain_qa)} QA; {folds}; "
+            f"models {'ready' if models else 'missing (muse prepare --rebuild)'}; hub: available online"
+        )
     click.echo("\nMetrics:")
     for name, text in METRIC_HELP.items():
         click.echo(f"  {name:10s} {text}")
-    click.echo(f"\nMIA attacks (--attack): {', '.join(available_attacks(with_stats=True, with_ref=True))}")
+    click.echo(
+        f"\nMIA attacks (--attack): {', '.join(available_attacks(with_stats=True, with_ref=True))}"
+    )
     click.echo(f"Engines (--engine): {', '.join(ENGINES.names())}")
 
 
 @cli.command()
 @click.option("--corpus", required=True, help="news or books.")
-@click.option("--source", default="embedded", show_default=True, help="embedded, hub, or a MUSE-layout directory.")
-@click.option("--rebuild", is_flag=True, help="Regenerate the embedded data and retrain its reference models.")
-@click.option("--epochs", type=int, default=None, help="Training epochs for --rebuild (default: the recipe's).")
+@click.option(
+    "--source",
+    default="embedded",
+    show_default=True,
+    help="embedded, hub, or a MUSE-layout directory.",
+)
+@click.option(
+    "--rebuild", is_flag=True, help="Regenerate the embedded data and retrain its reference models."
+)
+@click.option(
+    "--epochs",
+    type=int,
+    default=None,
+    help="Training epochs for --rebuild (default: the recipe's).",
+)
 def prepare(corpus: str, source: str, rebuild: bool, epochs: int | None) -> None:
     """Make a corpus and its target/retrain models ready (and check them)."""
     from muse_bench.prepare import prepare as do_prepare
@@ -128,36 +187,56 @@ def _summary(report: dict, refs: dict[str, dict]) -> None:
 
 
 @cli.command()
-@click.option("--algo", required=True, help="Unlearner name (see muse list), module:Class or file.py:Class.")
+@click.option(
+    "--algo", required=True, help="Unlearner name (see muse list), module:Class or file.py:Class."
+)
 @common_options
-@click.option("--protocol", default="single", show_default=True, help="single, scale, sustain or all.")
-@click.option("-P", "params", multiple=True, metavar="KEY=VALUE", help="Hyperparameter (repeatable).")
-@click.option("--select", default="first", show_default=True,
-              help="Model selection: first (MUSE: first epoch/alpha with knowmem_f <= retrain's) or last.")
+@click.option(
+    "--protocol", default="single", show_default=True, help="single, scale, sustain or all."
+)
+@click.option(
+    "-P", "params", multiple=True, metavar="KEY=VALUE", help="Hyperparameter (repeatable)."
+)
+@click.option(
+    "--select",
+    default="first",
+    show_default=True,
+    help="Model selection: first (MUSE: first epoch/alpha with knowmem_f <= retrain's) or last.",
+)
 @click.option("--name", default=None, help="Leaderboard name of this run (default: the algo).")
 def run(**kw) -> None:
     """Unlearn, evaluate six ways, write report.json and a leaderboard row."""
+    from muse_bench.distributed import Processes
     from muse_bench.runner import run as do_run
 
     report = do_run(_config(**kw), echo=click.echo)
+    if not Processes.current().is_main:  # launched as several processes: print once
+        return
     refs = {k: v["metrics"] for k, v in report["reference"].items()}
     refs[f"{report['name']} ({report['selected']})"] = report["metrics"]
     _summary(report, refs)
     for key in ("scale", "sustain"):
         for fold in report.get(key) or []:
-            click.echo(f"  {key} {fold['fold']}: {fold['docs']} docs, knowmem_f {_num(fold.get('knowmem_f'), 0)}, "
-                       f"knowmem_r {_num(fold.get('knowmem_r'), 0)}, verbmem_f {_num(fold.get('verbmem_f'), 0)}")
+            click.echo(
+                f"  {key} {fold['fold']}: {fold['docs']} docs, knowmem_f {_num(fold.get('knowmem_f'), 0)}, "
+                f"knowmem_r {_num(fold.get('knowmem_r'), 0)}, verbmem_f {_num(fold.get('verbmem_f'), 0)}"
+            )
     run_dir = Path(report["model"]).parent.parent.parent if report.get("model") else None
     click.echo(f"\nreport: {run_dir / 'report.json' if run_dir else ''}")
     click.echo(f"leaderboard: {report.get('leaderboard', '')}")
 
 
 @cli.command("eval")
-@click.option("--model", "model_spec", required=True, help="target, retrain, or a model directory / hub id.")
+@click.option(
+    "--model", "model_spec", required=True, help="target, retrain, or a model directory / hub id."
+)
 @common_options
-@click.option("--name", default=None, help="Name for the report and leaderboard row (default: from --model).")
+@click.option(
+    "--name", default=None, help="Name for the report and leaderboard row (default: from --model)."
+)
 def eval_cmd(model_spec: str, name: str | None, **kw) -> None:
     """Evaluate one checkpoint six ways (what MUSE's eval.py does)."""
+    from muse_bench.distributed import main_only, on_main, start_processes
     from muse_bench.io import check_writable_dir
     from muse_bench.reference import retrain_auc
     from muse_bench.runner import check_config, check_model, eval_checkpoint, safe_dir_name
@@ -176,12 +255,25 @@ def eval_cmd(model_spec: str, name: str | None, **kw) -> None:
     elif reference:
         label = model_spec
     else:
-        label = Path(model_spec).resolve().name if Path(model_spec).exists() else Path(model_spec).name
-    check_writable_dir(cfg.out)
-    rauc = retrain_auc(task, cfg.attack, cfg.out / ".cache", "hf", device, cfg.batch_size,
-                       progress=cfg.progress, allow_pickle=cfg.allow_pickle,
-                       trust_remote_code=cfg.trust_remote_code)
-    report = eval_checkpoint(cfg, task, spec, label, rauc, echo=click.echo)
+        label = (
+            Path(model_spec).resolve().name if Path(model_spec).exists() else Path(model_spec).name
+        )
+    procs = start_processes(device)
+    on_main(lambda: check_writable_dir(cfg.out), procs)
+    rauc = retrain_auc(
+        task,
+        cfg.attack,
+        cfg.out / ".cache",
+        "hf",
+        device,
+        cfg.batch_size,
+        progress=cfg.progress,
+        allow_pickle=cfg.allow_pickle,
+        trust_remote_code=cfg.trust_remote_code,
+    )
+    report = eval_checkpoint(cfg, task, spec, label, rauc, echo=main_only(click.echo, procs))
+    if not procs.is_main:  # launched as several processes: print once
+        return
     _summary(report, {label: report["metrics"]})
     run_dir = cfg.out / task.corpus.name / safe_dir_name(label) / report["run_id"]
     click.echo(f"\nreport: {run_dir / 'report.json'}")
@@ -212,8 +304,14 @@ def validate(csv_paths) -> None:
 
 @leaderboard.command()
 @click.argument("csv_paths", nargs=-1, required=True, type=click.Path(path_type=Path))
-@click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="Merged CSV to write.")
-@click.option("--allow-mixed", is_flag=True, help="Keep rows of different benchmarks (grouped, not ranked together).")
+@click.option(
+    "-o", "--output", required=True, type=click.Path(path_type=Path), help="Merged CSV to write."
+)
+@click.option(
+    "--allow-mixed",
+    is_flag=True,
+    help="Keep rows of different benchmarks (grouped, not ranked together).",
+)
 def merge(csv_paths, output: Path, allow_mixed: bool) -> None:
     """Combine CSVs, de-duplicated by run id."""
     from muse_bench.leaderboard import merge as do_merge
@@ -224,8 +322,14 @@ def merge(csv_paths, output: Path, allow_mixed: bool) -> None:
 
 @leaderboard.command()
 @click.argument("csv_paths", nargs=-1, required=True, type=click.Path(path_type=Path))
-@click.option("-o", "--output", default="leaderboard", show_default=True, type=click.Path(path_type=Path),
-              help="Directory for index.html and the plots.")
+@click.option(
+    "-o",
+    "--output",
+    default="leaderboard",
+    show_default=True,
+    type=click.Path(path_type=Path),
+    help="Directory for index.html and the plots.",
+)
 def render(csv_paths, output: Path) -> None:
     """Write a static HTML leaderboard page and MUSE-style plots."""
     from muse_bench.leaderboard import render as do_render
@@ -270,7 +374,13 @@ def main(argv: list[str] | None = None) -> None:
     except Exception as exc:  # a bug, not a user error: still one line, traceback on demand
         if os.environ.get("MUSE_DEBUG"):
             raise
-        click.echo(f"error: internal error {type(exc).__name__}: {exc} (set MUSE_DEBUG=1 for a traceback).",
-                   err=True)
+        click.echo(
+            f"error: internal error {type(exc).__name__}: {exc} (set MUSE_DEBUG=1 for a traceback).",
+            err=True,
+        )
         sys.exit(1)
     sys.exit(0)
+
+
+if __name__ == "__main__":  # `python -m muse_bench.cli`, as accelerate launch / torchrun run it
+    main()

@@ -8,18 +8,30 @@ loss by its share, so DDP's gradient average equals the gradient of the whole mi
 tokens it weights per-process token means by chunk count, which is the same when the chunks
 have equal length, as MUSE's packing makes all but the last).
 
+`muse run` and `muse eval` keep every process in step outside training too: the processes
+join one process group before any work (`start_processes`), split each evaluation between
+them (`muse_bench.engines.sharded`), and leave every file write, and every decision that
+depends on what is on disk, to the main process (`on_main`, `held_by_main`).
+
 Launch, for example::
 
     accelerate launch --config_file configs/accelerate/ddp.yaml -m muse_bench.cli run ...
-    torchrun --standalone --nproc_per_node 2 script.py      # CPU processes, gloo
+    torchrun --standalone --nproc_per_node 2 -m muse_bench.cli run ...   # CPU processes, gloo
 """
 
 from __future__ import annotations
 
+import os
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, ExitStack, contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
+
+from muse_bench.errors import MuseError
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -70,3 +82,103 @@ class Processes:
         """Wait until every process reaches this point."""
         if self.world > 1:
             torch.distributed.barrier()
+
+
+def launched_processes() -> int:
+    """How many processes the launcher started (`WORLD_SIZE`, set by torchrun and
+    `accelerate launch`; 1 when run directly)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def local_device(device: torch.device) -> torch.device:
+    """This process's device: with several processes, a GPU given without an index is the
+    process's own one (`cuda:LOCAL_RANK`), not GPU 0 for all of them.
+
+    An explicit index (`cuda:1`) is kept as given; one process is left unchanged.
+    """
+    if device.type == "cuda" and device.index is None and launched_processes() > 1:
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return device
+
+
+def start_processes(device: str | torch.device) -> Processes:
+    """Join the other launched processes, then return this process's place among them.
+
+    Training creates its own `accelerate.Accelerator`, but evaluation and the file writes
+    before it need the process group already: so when several processes were launched and
+    no default process group exists yet, it is created here the way accelerate does it
+    (`PartialState`: gloo for CPU devices, NCCL for GPUs), which the training loop's
+    Accelerator then reuses. Does nothing for a single process.
+    """
+    dist = torch.distributed
+    if launched_processes() > 1 and dist.is_available() and not dist.is_initialized():
+        from accelerate import PartialState
+
+        PartialState(cpu=torch.device(device).type != "cuda")
+    return Processes.current()
+
+
+class MainProcessError(MuseError):
+    """The main process failed in a step that only it runs; the others stop with it."""
+
+
+def on_main(fn: Callable[[], T], procs: Processes | None = None) -> T:
+    """`fn()` run by the main process only; its result (or failure) reaches every process.
+
+    Files are written by one process, and every decision that depends on files (is this
+    stage already done? is the AUC cached?) must be taken once: processes that each read
+    the disk could read it at different moments, take different branches and then wait for
+    each other forever. The broadcast is also a barrier: no process goes on before the main
+    one has finished `fn` (so its files are on disk). If `fn` raises, the main process
+    raises it and the others raise `MainProcessError`, instead of waiting. The result must
+    be picklable; with one process this is just `fn()`.
+    """
+    procs = procs or Processes.current()
+    if procs.world == 1:
+        return fn()
+    box: list[Any] = [None]
+    error: BaseException | None = None
+    if procs.is_main:
+        try:
+            box[0] = (True, fn())
+        except BaseException as exc:  # re-raised below, once the others know
+            error = exc
+            box[0] = (False, (str(exc) or type(exc).__name__, getattr(exc, "exit_code", 1)))
+    torch.distributed.broadcast_object_list(box, src=0)
+    if error is not None:
+        raise error
+    ok, value = box[0]
+    if not ok:
+        message, exit_code = value
+        failure = MainProcessError(f"the main process stopped: {message}")
+        failure.exit_code = exit_code
+        raise failure
+    return value
+
+
+@contextmanager
+def held_by_main(
+    factory: Callable[[], AbstractContextManager[Any]], procs: Processes | None = None
+) -> Iterator[None]:
+    """Hold `factory()` (a lock) in the main process only, for the duration of the block.
+
+    One launch is one run: the main process takes the run's lock for all of them, and if
+    it cannot (another command holds it) every process stops.
+    """
+    with ExitStack() as stack:
+
+        def enter() -> None:
+            stack.enter_context(factory())
+
+        on_main(enter, procs)
+        yield
+
+
+def main_only(echo: Callable[[str], None], procs: Processes | None = None) -> Callable[[str], None]:
+    """`echo` in the main process, a no-op in the others: each message is printed once."""
+    procs = procs or Processes.current()
+    return echo if procs.is_main else _silent
+
+
+def _silent(_: str) -> None:
+    pass

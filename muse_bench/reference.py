@@ -2,6 +2,8 @@
 
 The retrain AUC is computed from the benchmark's real retrain model, never assumed, and
 cached with its provenance (model fingerprint, data fingerprint, attack, harness version).
+With several processes, engines split their inputs over them, and the main process alone
+reads and writes the cache (so all of them agree on whether to compute).
 """
 
 from __future__ import annotations
@@ -11,7 +13,9 @@ from pathlib import Path
 
 from muse_bench import __version__
 from muse_bench.data import data_fingerprint
+from muse_bench.distributed import on_main
 from muse_bench.engines import make_engine
+from muse_bench.engines.sharded import shard
 from muse_bench.io import atomic_write_json
 from muse_bench.models import load_model_and_tokenizer
 from muse_bench.task import Task, local_model_dir, model_fingerprint
@@ -22,14 +26,23 @@ from muse_bench.types import RetrainAUC
 PUBLISHED_RETRAIN_AUC = {"news": 0.4772, "books": 0.5393}
 
 
-def open_engine(model_spec: str, engine: str, device: str, batch_size: int,
-                allow_pickle: bool = False, trust_remote_code: bool = False):
-    """Load a checkpoint (path or hub id) and wrap it in an engine."""
+def open_engine(
+    model_spec: str,
+    engine: str,
+    device: str,
+    batch_size: int,
+    allow_pickle: bool = False,
+    trust_remote_code: bool = False,
+):
+    """Load a checkpoint (path or hub id) and wrap it in an engine (split over the
+    processes when there are several)."""
     path = local_model_dir(model_spec)
     if engine == "hf":
         model, tok = load_model_and_tokenizer(path, device, None, allow_pickle, trust_remote_code)
-        return make_engine("hf", model=model, tokenizer=tok, device=device, batch_size=batch_size), path
-    return make_engine(engine, model_path=str(path), device=device, batch_size=batch_size), path
+        eng = make_engine("hf", model=model, tokenizer=tok, device=device, batch_size=batch_size)
+    else:
+        eng = make_engine(engine, model_path=str(path), device=device, batch_size=batch_size)
+    return shard(eng), path
 
 
 def _read_cache(path: Path) -> dict | None:
@@ -43,9 +56,18 @@ def _read_cache(path: Path) -> dict | None:
     return saved
 
 
-def retrain_auc(task: Task, attack: str, cache_dir: Path, engine: str = "hf", device: str = "cpu",
-                batch_size: int = 16, published: bool = False, progress: bool = True,
-                allow_pickle: bool = False, trust_remote_code: bool = False) -> RetrainAUC:
+def retrain_auc(
+    task: Task,
+    attack: str,
+    cache_dir: Path,
+    engine: str = "hf",
+    device: str = "cpu",
+    batch_size: int = 16,
+    published: bool = False,
+    progress: bool = True,
+    allow_pickle: bool = False,
+    trust_remote_code: bool = False,
+) -> RetrainAUC:
     """The retrain model's AUC for `attack`, from the cache or computed now."""
     from muse_bench.metrics.privleak import compute_retrain_auc
 
@@ -53,17 +75,25 @@ def retrain_auc(task: Task, attack: str, cache_dir: Path, engine: str = "hf", de
         if task.source != "hub" or attack != "min_k_40":
             from muse_bench.errors import ConfigError
 
-            raise ConfigError("published retrain AUCs exist only for hub MUSE data with attack min_k_40.")
-        return RetrainAUC(PUBLISHED_RETRAIN_AUC[task.corpus.name], attack,
-                          {"source": "MUSE paper (published constant)", "benchmark": task.corpus.benchmark_id})
+            raise ConfigError(
+                "published retrain AUCs exist only for hub MUSE data with attack min_k_40."
+            )
+        return RetrainAUC(
+            PUBLISHED_RETRAIN_AUC[task.corpus.name],
+            attack,
+            {"source": "MUSE paper (published constant)", "benchmark": task.corpus.benchmark_id},
+        )
     retrain_path = local_model_dir(task.models.retrain)
-    key = f"{task.corpus.benchmark_id}__{model_fingerprint(retrain_path)}__{attack}".replace("/", "_")
+    key = f"{task.corpus.benchmark_id}__{model_fingerprint(retrain_path)}__{attack}".replace(
+        "/", "_"
+    )
     cache = cache_dir / "retrain_auc" / f"{key}.json"
-    saved = _read_cache(cache)
+    saved = on_main(lambda: _read_cache(cache))
     if saved is not None:
         return RetrainAUC(saved["auc"], saved["attack"], saved["provenance"])
-    eng, _ = open_engine(task.models.retrain, engine, device, batch_size, allow_pickle,
-                         trust_remote_code)
+    eng, _ = open_engine(
+        task.models.retrain, engine, device, batch_size, allow_pickle, trust_remote_code
+    )
     provenance = {
         "model": task.models.retrain,
         "model_fingerprint": model_fingerprint(retrain_path),
@@ -71,7 +101,9 @@ def retrain_auc(task: Task, attack: str, cache_dir: Path, engine: str = "hf", de
         "attack": attack,
         "harness_version": __version__,
     }
-    result = compute_retrain_auc(eng, task.corpus, attack, provenance,
-                                 desc="retrain AUC" if progress else None)
-    atomic_write_json(cache, {"auc": result.auc, "attack": result.attack, "provenance": result.provenance})
+    result = compute_retrain_auc(
+        eng, task.corpus, attack, provenance, desc="retrain AUC" if progress else None
+    )
+    entry = {"auc": result.auc, "attack": result.attack, "provenance": result.provenance}
+    on_main(lambda: atomic_write_json(cache, entry))
     return result

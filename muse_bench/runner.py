@@ -3,10 +3,16 @@
 Every stage leaves its result on disk before the next starts, so running the same
 command again after an interruption continues where it stopped, and a finished run is
 not redone (unless forced) and never adds a second leaderboard row.
+
+Launched as several processes (`accelerate launch`, `torchrun`), the processes train
+together (see `muse_bench.training`), split every evaluation (`muse_bench.engines.sharded`)
+and so all compute the same metrics; only the main process writes files, and it reads the
+files that decide what to do next for all of them (`muse_bench.distributed.on_main`).
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import json
@@ -23,7 +29,9 @@ from typing import Any
 import torch
 
 from muse_bench import __version__
+from muse_bench.distributed import held_by_main, local_device, main_only, on_main, start_processes
 from muse_bench.engines import make_engine
+from muse_bench.engines.sharded import shard
 from muse_bench.errors import ConfigError
 from muse_bench.io import (
     atomic_write_json,
@@ -77,8 +85,17 @@ def versions() -> dict[str, str]:
     import importlib.metadata as md
 
     out = {"muse_bench": __version__, "python": platform.python_version()}
-    for pkg in ("torch", "transformers", "tokenizers", "accelerate", "peft", "rouge-score",
-                "scikit-learn", "numpy", "vllm"):
+    for pkg in (
+        "torch",
+        "transformers",
+        "tokenizers",
+        "accelerate",
+        "peft",
+        "rouge-score",
+        "scikit-learn",
+        "numpy",
+        "vllm",
+    ):
         try:
             out[pkg] = md.version(pkg)
         except md.PackageNotFoundError:
@@ -111,6 +128,15 @@ def publish(report: dict[str, Any], out: Path, replace: bool = False) -> Path:
     return path
 
 
+def reuse_report(path: Path, out: Path) -> dict[str, Any] | None:
+    """The report of a finished run, its leaderboard row published again (idempotent), or
+    None when the run has not finished."""
+    report = read_json(path)
+    if report is not None:
+        publish(report, out)
+    return report
+
+
 def read_json(path: Path) -> dict[str, Any] | None:
     """A JSON object file's content, or None if it is absent or unreadable (then the stage
     that writes it is redone: a truncated file, a foreign one, an empty one)."""
@@ -140,6 +166,12 @@ def check_engine(engine: str, device: str) -> Any:
     return cls
 
 
+def run_device(spec: str) -> str:
+    """The device `--device spec` means for this process (its own GPU when launched as
+    several processes)."""
+    return str(local_device(resolve_device(spec)))
+
+
 def check_config(cfg: RunConfig) -> str:
     """Validate the settings shared by `muse run` and `muse eval`; returns the device."""
     from muse_bench.metrics.mia import check_attack
@@ -152,7 +184,7 @@ def check_config(cfg: RunConfig) -> str:
         raise ConfigError(f"--bootstrap must be >= 1 resample, got {cfg.n_bootstrap}.")
     if cfg.seed < 0:
         raise ConfigError(f"--seed must be >= 0, got {cfg.seed}.")
-    device = str(resolve_device(cfg.device))
+    device = run_device(cfg.device)
     engine = check_engine(cfg.engine, device)
     check_attack(cfg.attack, with_stats=getattr(engine, "supports_stats", True), with_ref=False)
     return device
@@ -174,8 +206,15 @@ def safe_dir_name(label: str) -> str:
 def _evaluate(engine, task: Task, rauc: RetrainAUC, cfg: RunConfig):
     from muse_bench.metrics.evaluate import evaluate
 
-    return evaluate(engine, task.corpus, rauc, attack=cfg.attack, seed=cfg.seed,
-                    n_bootstrap=cfg.n_bootstrap, progress=cfg.progress)
+    return evaluate(
+        engine,
+        task.corpus,
+        rauc,
+        attack=cfg.attack,
+        seed=cfg.seed,
+        n_bootstrap=cfg.n_bootstrap,
+        progress=cfg.progress,
+    )
 
 
 def _write_examples(run_dir: Path, label: str, result) -> Path:
@@ -189,54 +228,90 @@ def _eval_payload(result) -> dict[str, Any]:
     return {k: d[k] for k in ("metrics", "ci", "attack", "attacks", "retrain_auc", "bootstrap")}
 
 
-def eval_checkpoint(cfg: RunConfig, task: Task, model_spec: str, name: str, rauc: RetrainAUC,
-                    echo: Callable[[str], None] = print) -> dict[str, Any]:
+def eval_checkpoint(
+    cfg: RunConfig,
+    task: Task,
+    model_spec: str,
+    name: str,
+    rauc: RetrainAUC,
+    echo: Callable[[str], None] = print,
+) -> dict[str, Any]:
     """Evaluate one checkpoint (`muse eval`); cached by benchmark, weights and settings."""
     path = check_model(model_spec, cfg)
-    identity = {"benchmark": task.corpus.benchmark_id, "model": model_fingerprint(path),
-                "attack": cfg.attack, "seed": cfg.seed, "n_bootstrap": cfg.n_bootstrap,
-                "retrain_auc": rauc.auc}
+    identity = {
+        "benchmark": task.corpus.benchmark_id,
+        "model": model_fingerprint(path),
+        "attack": cfg.attack,
+        "seed": cfg.seed,
+        "n_bootstrap": cfg.n_bootstrap,
+        "retrain_auc": rauc.auc,
+    }
     dir_name = safe_dir_name(name)
     run_id = f"{dir_name}-{short_hash(identity)}"
     run_dir = cfg.out / task.corpus.name / dir_name / run_id
     report_path = run_dir / "report.json"
-    report = None if cfg.force else read_json(report_path)
+    report = None if cfg.force else on_main(lambda: reuse_report(report_path, cfg.out))
     if report is not None:
-        publish(report, cfg.out)
         return report
     start = time.time()
-    device = str(resolve_device(cfg.device))
-    engine, _ = open_engine(str(path), cfg.engine, device, cfg.batch_size,
-                            cfg.allow_pickle, cfg.trust_remote_code)
+    device = run_device(cfg.device)
+    engine, _ = open_engine(
+        str(path), cfg.engine, device, cfg.batch_size, cfg.allow_pickle, cfg.trust_remote_code
+    )
     echo(f"evaluating {name} ({model_spec})")
     result = _evaluate(engine, task, rauc, cfg)
-    _write_examples(run_dir, "eval", result)
-    report = {
-        "name": name, "run_id": run_id, "benchmark": task.corpus.benchmark_id,
-        "corpus": task.corpus.name, "algo": name if name in ("target", "retrain") else "eval",
-        "params": {}, "protocol": "eval", "seed": cfg.seed, "selected": None,
-        "model": str(path), "data_dir": str(task.corpus.data_dir), "engine": cfg.engine,
-        "device": device, **_eval_payload(result), "scale": None, "sustain": None,
-        "versions": versions(), "created": now_iso(),
-        "timings": {"total_s": round(time.time() - start, 2)},
-    }
-    atomic_write_json(report_path, report)
-    publish(report, cfg.out, replace=cfg.force)
-    return report
+
+    def save() -> dict[str, Any]:
+        """Write the examples, report and leaderboard row (main process only)."""
+        _write_examples(run_dir, "eval", result)
+        report = {
+            "name": name,
+            "run_id": run_id,
+            "benchmark": task.corpus.benchmark_id,
+            "corpus": task.corpus.name,
+            "algo": name if name in ("target", "retrain") else "eval",
+            "params": {},
+            "protocol": "eval",
+            "seed": cfg.seed,
+            "selected": None,
+            "model": str(path),
+            "data_dir": str(task.corpus.data_dir),
+            "engine": cfg.engine,
+            "device": device,
+            **_eval_payload(result),
+            "scale": None,
+            "sustain": None,
+            "versions": versions(),
+            "created": now_iso(),
+            "timings": {"total_s": round(time.time() - start, 2)},
+        }
+        atomic_write_json(report_path, report)
+        publish(report, cfg.out, replace=cfg.force)
+        return report
+
+    return on_main(save)
 
 
-def reference_reports(cfg: RunConfig, task: Task, rauc: RetrainAUC,
-                      echo: Callable[[str], None] = print) -> dict[str, dict[str, Any]]:
+def reference_reports(
+    cfg: RunConfig, task: Task, rauc: RetrainAUC, echo: Callable[[str], None] = print
+) -> dict[str, dict[str, Any]]:
     """The target's and the retrain model's evaluations (cached; rows published once)."""
-    return {which: eval_checkpoint(cfg, task, getattr(task.models, which), which, rauc, echo)
-            for which in ("target", "retrain")}
+    return {
+        which: eval_checkpoint(cfg, task, getattr(task.models, which), which, rauc, echo)
+        for which in ("target", "retrain")
+    }
 
 
 # --------------------------------------------------------------------------- unlearning
 
 
-def select_candidate(candidates: Iterator, score: Callable[[Any], float], threshold: float,
-                     mode: str, cached: dict[str, float]) -> tuple[Any, list[dict[str, Any]]]:
+def select_candidate(
+    candidates: Iterator,
+    score: Callable[[Any], float],
+    threshold: float,
+    mode: str,
+    cached: dict[str, float],
+) -> tuple[Any, list[dict[str, Any]]]:
     """MUSE's model selection: the first candidate whose knowmem_f <= threshold, else the last.
 
     `mode="last"` turns selection off (the last candidate). `cached` maps labels to scores
@@ -260,14 +335,19 @@ def fold_tokens(tokenizer, docs: tuple[str, ...]) -> int:
 
 
 class Run:
-    """One `muse run`: owns its directory, its requests and its report."""
+    """One `muse run`: owns its directory, its requests and its report.
+
+    In a launch of several processes every process makes its own `Run` and executes it;
+    they evaluate together, and the main process alone writes and prints.
+    """
 
     def __init__(self, cfg: RunConfig, echo: Callable[[str], None] = print) -> None:
         from muse_bench.unlearners import get_unlearner_class, parse_params
 
         # Every check comes before the first file is written: a bad command changes nothing.
         self.device = check_config(cfg)
-        self.cfg, self.echo = cfg, echo
+        self.procs = start_processes(self.device)
+        self.cfg, self.echo = cfg, main_only(echo, self.procs)
         self.task = resolve_task(cfg.corpus, cfg.source, cfg.target, cfg.retrain, cfg.hub_source)
         self.requests = protocol_requests(cfg.protocol, self.task.corpus)
         self.cls = get_unlearner_class(cfg.algo)
@@ -280,9 +360,16 @@ class Run:
         for which in ("target", "retrain"):
             check_model(getattr(self.task.models, which), cfg)
         resolved = asdict(self.unlearner)
-        identity = {"benchmark": self.task.corpus.benchmark_id, "algo": self.algo_name,
-                    "params": resolved, "protocol": cfg.protocol, "seed": cfg.seed,
-                    "select": cfg.select, "attack": cfg.attack, "models": asdict(self.task.models)}
+        identity = {
+            "benchmark": self.task.corpus.benchmark_id,
+            "algo": self.algo_name,
+            "params": resolved,
+            "protocol": cfg.protocol,
+            "seed": cfg.seed,
+            "select": cfg.select,
+            "attack": cfg.attack,
+            "models": asdict(self.task.models),
+        }
         self.resolved_params = resolved
         self.run_id = f"{self.algo_name}-{short_hash(identity)}"
         self.dir = cfg.out / self.task.corpus.name / safe_dir_name(self.algo_name) / self.run_id
@@ -290,76 +377,123 @@ class Run:
 
     # -- helpers
     def _engine(self, model, tokenizer, label: str):
+        """An engine on `model`, split over the processes when there are several."""
         if self.cfg.engine == "hf":
-            return make_engine("hf", model=model, tokenizer=tokenizer, device=self.device,
-                               batch_size=self.cfg.batch_size)
-        path = save_model(model, tokenizer, self.dir / "requests" / label / "engine_model")
-        return make_engine(self.cfg.engine, model_path=str(path), device=self.device,
-                           batch_size=self.cfg.batch_size)
+            engine = make_engine(
+                "hf",
+                model=model,
+                tokenizer=tokenizer,
+                device=self.device,
+                batch_size=self.cfg.batch_size,
+            )
+        else:
+            path = self.dir / "requests" / label / "engine_model"
+            on_main(lambda: save_model(model, tokenizer, path), self.procs)
+            engine = make_engine(
+                self.cfg.engine,
+                model_path=str(path),
+                device=self.device,
+                batch_size=self.cfg.batch_size,
+            )
+        return shard(engine, self.procs)
 
     def _context(self, req: ForgetRequest):
         from muse_bench.unlearners import UnlearnContext
 
-        return UnlearnContext(device=self.device, seed=self.cfg.seed,
-                              work_dir=self.dir / "requests" / req.label / "ckpt",
-                              progress=self.cfg.progress)
+        return UnlearnContext(
+            device=self.device,
+            seed=self.cfg.seed,
+            work_dir=self.dir / "requests" / req.label / "ckpt",
+            progress=self.cfg.progress,
+        )
 
     def _load_start(self, req: ForgetRequest, previous: Path | None):
         from muse_bench.unlearners import load_unlearned
 
         if req.start == "previous" and previous is not None:
             return load_unlearned(previous, self.device)
-        return load_model_and_tokenizer(local_model_dir(self.task.models.target), self.device, None,
-                                        self.cfg.allow_pickle, self.cfg.trust_remote_code)
+        return load_model_and_tokenizer(
+            local_model_dir(self.task.models.target),
+            self.device,
+            None,
+            self.cfg.allow_pickle,
+            self.cfg.trust_remote_code,
+        )
 
     # -- one request
-    def _request(self, req: ForgetRequest, previous: Path | None, threshold: float,
-                 rauc: RetrainAUC) -> dict[str, Any]:
+    def _request(
+        self, req: ForgetRequest, previous: Path | None, threshold: float, rauc: RetrainAUC
+    ) -> dict[str, Any]:
         from muse_bench.metrics.evaluate import evaluate_knowmem_f
 
         req_dir = self.dir / "requests" / req.label
         done = req_dir / "result.json"
-        finished = read_json(done)
+        finished = on_main(lambda: self._finished_request(req_dir), self.procs)
         if finished is not None:
-            shutil.rmtree(req_dir / "ckpt", ignore_errors=True)  # killed while cleaning up
             return finished
         torch.manual_seed(self.cfg.seed)
         start = time.time()
         model, tok = self._load_start(req, previous)
         self.echo(f"[{req.label}] unlearning {len(req.forget)} documents with {self.algo_name}")
         curve_path = req_dir / "curve.json"
-        cached = read_json(curve_path) or {}
+        cached = on_main(lambda: read_json(curve_path), self.procs) or {}
 
         def score(cand) -> float:
             value = evaluate_knowmem_f(self._engine(cand.model, tok, req.label), self.task.corpus)
             cached[cand.label] = value
-            atomic_write_json(curve_path, cached)
-            self.echo(f"[{req.label}] {cand.label}: knowmem_f {value:.1f} (retrain {threshold:.1f})")
+            on_main(lambda: atomic_write_json(curve_path, cached), self.procs)
+            self.echo(
+                f"[{req.label}] {cand.label}: knowmem_f {value:.1f} (retrain {threshold:.1f})"
+            )
             return value
 
         candidates = self.unlearner.candidates(model, tok, req, self._context(req))
         chosen, curve = select_candidate(candidates, score, threshold, self.cfg.select, cached)
         unlearn_s = time.time() - start
         result = _evaluate(self._engine(chosen.model, tok, req.label), self.task, rauc, self.cfg)
-        _write_examples(self.dir, req.label, result)
-        keep_model = req.protocol == "single" or req.protocol == "sustain"
-        model_path = save_model(chosen.model, tok, req_dir / "model") if keep_model else None
-        out = {
-            "label": req.label, "protocol": req.protocol, "fold": req.index,
-            "docs": len(req.forget), "tokens": fold_tokens(tok, req.forget),
-            "selected": chosen.label, "curve": curve, "model": str(model_path) if model_path else None,
-            **_eval_payload(result),
-            "timings": {"unlearn_s": round(unlearn_s, 2), "total_s": round(time.time() - start, 2)},
-        }
-        atomic_write_json(done, out)
-        shutil.rmtree(req_dir / "ckpt", ignore_errors=True)
-        shutil.rmtree(req_dir / "engine_model", ignore_errors=True)
-        return out
+
+        def save() -> dict[str, Any]:
+            """Write the examples, the chosen model and result.json (main process only)."""
+            _write_examples(self.dir, req.label, result)
+            keep_model = req.protocol == "single" or req.protocol == "sustain"
+            model_path = save_model(chosen.model, tok, req_dir / "model") if keep_model else None
+            out = {
+                "label": req.label,
+                "protocol": req.protocol,
+                "fold": req.index,
+                "docs": len(req.forget),
+                "tokens": fold_tokens(tok, req.forget),
+                "selected": chosen.label,
+                "curve": curve,
+                "model": str(model_path) if model_path else None,
+                **_eval_payload(result),
+                "timings": {
+                    "unlearn_s": round(unlearn_s, 2),
+                    "total_s": round(time.time() - start, 2),
+                },
+            }
+            atomic_write_json(done, out)
+            shutil.rmtree(req_dir / "ckpt", ignore_errors=True)
+            shutil.rmtree(req_dir / "engine_model", ignore_errors=True)
+            return out
+
+        # the next sustain request loads the saved model: every process waits for it here
+        return on_main(save, self.procs)
+
+    @staticmethod
+    def _finished_request(req_dir: Path) -> dict[str, Any] | None:
+        """A finished request's result (its checkpoints removed, in case a killed run left
+        them), or None if it has not finished."""
+        finished = read_json(req_dir / "result.json")
+        if finished is not None:
+            shutil.rmtree(req_dir / "ckpt", ignore_errors=True)  # killed while cleaning up
+        return finished
 
     def _remove_stale_temps(self) -> None:
         """Remove what a killed process was half-way through writing in the run directory:
         hidden temp files of atomic writes and hidden temp dirs of save_model. Safe: the
-        caller holds the run's lock, so no other process writes here."""
+        caller holds the run's lock, so no other command writes here (and of a launch of
+        several processes, only the main one writes)."""
         if not self.dir.is_dir():
             return
         for path in sorted(self.dir.rglob(".*"), key=lambda p: len(p.parts)):
@@ -368,31 +502,52 @@ class Run:
             elif path.name.endswith(".tmp"):
                 path.unlink(missing_ok=True)
 
+    def _start_dir(self) -> None:
+        """Empty the run directory for --force, remove stale temps, write config.json."""
+        if self.cfg.force and self.dir.exists():
+            shutil.rmtree(self.dir)
+        self._remove_stale_temps()
+        atomic_write_json(
+            self.dir / "config.json",
+            {
+                "run_id": self.run_id,
+                "algo": self.algo_name,
+                "params": self.resolved_params,
+                **{k: str(v) for k, v in asdict(self.cfg).items()},
+            },
+        )
+
     # -- the whole run
     def execute(self) -> dict[str, Any]:
-        check_writable_dir(self.cfg.out)
-        # one process per run directory: a second identical command fails at once
-        with try_lock(self.lock_path, f"run {self.run_id}"):
+        on_main(lambda: check_writable_dir(self.cfg.out), self.procs)
+        # one command per run directory: a second identical command fails at once (in a
+        # launch of several processes, the main one holds the lock for all of them)
+        lock = functools.partial(try_lock, self.lock_path, f"run {self.run_id}")
+        with held_by_main(lock, self.procs):
             return self._execute()
 
     def _execute(self) -> dict[str, Any]:
         cfg = self.cfg
         report_path = self.dir / "report.json"
-        report = None if cfg.force else read_json(report_path)
+        report = (
+            None if cfg.force else on_main(lambda: reuse_report(report_path, cfg.out), self.procs)
+        )
         if report is not None:
-            publish(report, cfg.out)
             self.echo(f"run {self.run_id} already finished; use --force to redo it.")
             return report
-        if cfg.force and self.dir.exists():
-            shutil.rmtree(self.dir)
-        self._remove_stale_temps()
         started = time.time()
-        atomic_write_json(self.dir / "config.json", {"run_id": self.run_id, "algo": self.algo_name,
-                                                     "params": self.resolved_params,
-                                                     **{k: str(v) for k, v in asdict(cfg).items()}})
-        rauc = retrain_auc(self.task, cfg.attack, cfg.out / ".cache", "hf", self.device,
-                           cfg.batch_size, progress=cfg.progress, allow_pickle=cfg.allow_pickle,
-                           trust_remote_code=cfg.trust_remote_code)
+        on_main(self._start_dir, self.procs)
+        rauc = retrain_auc(
+            self.task,
+            cfg.attack,
+            cfg.out / ".cache",
+            "hf",
+            self.device,
+            cfg.batch_size,
+            progress=cfg.progress,
+            allow_pickle=cfg.allow_pickle,
+            trust_remote_code=cfg.trust_remote_code,
+        )
         refs = reference_reports(cfg, self.task, rauc, self.echo)
         threshold = refs["retrain"]["metrics"]["knowmem_f"]
         results: dict[str, dict[str, Any]] = {}
@@ -402,38 +557,75 @@ class Run:
             key = "single_1" if req.index == 1 and req.start == "target" else req.label
             if key not in results:
                 results[key] = self._request(
-                    ForgetRequest("single", 1, req.forget, req.retain) if key == "single_1" else req,
-                    previous, threshold, rauc)
+                    ForgetRequest("single", 1, req.forget, req.retain)
+                    if key == "single_1"
+                    else req,
+                    previous,
+                    threshold,
+                    rauc,
+                )
             if req.protocol == "sustain":
                 previous = Path(results[key]["model"])
             results[req.label] = results[key]
         main = results["single_1"]
         report = {
-            "name": cfg.name or self.algo_name, "run_id": self.run_id,
-            "benchmark": self.task.corpus.benchmark_id, "corpus": self.task.corpus.name,
-            "algo": self.algo_name, "params": self.resolved_params, "protocol": cfg.protocol,
-            "seed": cfg.seed, "select": cfg.select, "selected": main["selected"],
-            "curve": main["curve"], "model": main["model"], "data_dir": str(self.task.corpus.data_dir),
-            "source": cfg.source, "engine": cfg.engine, "device": self.device,
-            **{k: main[k] for k in ("metrics", "ci", "attack", "attacks", "retrain_auc", "bootstrap")},
-            "reference": {k: {"metrics": v["metrics"], "run_id": v["run_id"]} for k, v in refs.items()},
-            "scale": self._folds(results, "scale"), "sustain": self._folds(results, "sustain"),
-            "versions": versions(), "created": now_iso(),
-            "timings": {"total_s": round(time.time() - started, 2),
-                        **{k: v["timings"] for k, v in results.items()}},
+            "name": cfg.name or self.algo_name,
+            "run_id": self.run_id,
+            "benchmark": self.task.corpus.benchmark_id,
+            "corpus": self.task.corpus.name,
+            "algo": self.algo_name,
+            "params": self.resolved_params,
+            "protocol": cfg.protocol,
+            "seed": cfg.seed,
+            "select": cfg.select,
+            "selected": main["selected"],
+            "curve": main["curve"],
+            "model": main["model"],
+            "data_dir": str(self.task.corpus.data_dir),
+            "source": cfg.source,
+            "engine": cfg.engine,
+            "device": self.device,
+            **{
+                k: main[k]
+                for k in ("metrics", "ci", "attack", "attacks", "retrain_auc", "bootstrap")
+            },
+            "reference": {
+                k: {"metrics": v["metrics"], "run_id": v["run_id"]} for k, v in refs.items()
+            },
+            "scale": self._folds(results, "scale"),
+            "sustain": self._folds(results, "sustain"),
+            "versions": versions(),
+            "created": now_iso(),
+            "timings": {
+                "total_s": round(time.time() - started, 2),
+                **{k: v["timings"] for k, v in results.items()},
+            },
         }
-        atomic_write_json(report_path, report)
-        report["leaderboard"] = str(publish(report, cfg.out, replace=cfg.force))
-        return report
 
-    def _folds(self, results: dict[str, dict[str, Any]], protocol: str) -> list[dict[str, Any]] | None:
+        def save() -> dict[str, Any]:
+            atomic_write_json(report_path, report)
+            report["leaderboard"] = str(publish(report, cfg.out, replace=cfg.force))
+            return report
+
+        # every process returns the main process's report (its timings, its row's path)
+        return on_main(save, self.procs)
+
+    def _folds(
+        self, results: dict[str, dict[str, Any]], protocol: str
+    ) -> list[dict[str, Any]] | None:
         labels = [r.label for r in self.requests if r.protocol == protocol]
         if not labels:
             return None
-        return [{"fold": results[lb]["fold"] if protocol != "sustain" else i,
-                 "docs": results[lb]["docs"], "tokens": results[lb]["tokens"],
-                 "selected": results[lb]["selected"], **results[lb]["metrics"]}
-                for i, lb in enumerate(labels, 1)]
+        return [
+            {
+                "fold": results[lb]["fold"] if protocol != "sustain" else i,
+                "docs": results[lb]["docs"],
+                "tokens": results[lb]["tokens"],
+                "selected": results[lb]["selected"],
+                **results[lb]["metrics"],
+            }
+            for i, lb in enumerate(labels, 1)
+        ]
 
 
 def run(cfg: RunConfig, echo: Callable[[str], None] = print) -> dict[str, Any]:
