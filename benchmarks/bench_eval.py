@@ -190,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", help="model directory (default: the embedded target)")
     parser.add_argument("--synthetic", action="store_true", help="time a random model")
     parser.add_argument("--repeats", type=int, default=3, help="timed repeats of each path")
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--batch-size", type=int, default=32, help="as muse eval (default 32)")
     parser.add_argument("--n-bootstrap", type=int, default=1000)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")

@@ -60,7 +60,11 @@ COMMON = [
         "--attack", default="min_k_40", show_default=True, help="MIA attack used for privleak."
     ),
     click.option(
-        "--batch-size", default=16, show_default=True, type=int, help="Evaluation batch size."
+        "--batch-size",
+        default=32,
+        show_default=True,
+        type=int,
+        help="Evaluation batch size (prompts decoded together; on CPU scoring batches are also capped at 3072 tokens).",
     ),
     click.option(
         "--bootstrap",

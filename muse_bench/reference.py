@@ -62,7 +62,7 @@ def retrain_auc(
     cache_dir: Path,
     engine: str = "hf",
     device: str = "cpu",
-    batch_size: int = 16,
+    batch_size: int = 32,
     published: bool = False,
     progress: bool = True,
     allow_pickle: bool = False,

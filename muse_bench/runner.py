@@ -70,7 +70,7 @@ class RunConfig:
     name: str | None = None
     target: str | None = None
     retrain: str | None = None
-    batch_size: int = 16
+    batch_size: int = 32
     n_bootstrap: int = 1000
     force: bool = False
     allow_pickle: bool = False

@@ -86,23 +86,6 @@ def _cut(text: str, stops: list[str]) -> str:
     return text[: min(ends, default=len(text))]
 
 
-@pytest.mark.parametrize("stops", [["e"], [" ", "\n"], ["an", "a"], ["zzzz"]])
-def test_generate_with_stop_strings_keeps_the_text_before_the_stop(tiny_tokenizer, stops):
-    model = make_tiny_model(tiny_tokenizer, seed=0)
-    with torch.no_grad():
-        model.model.embed_tokens.weight.mul_(20)
-    engine = HFEngine(model=model, tokenizer=tiny_tokenizer, batch_size=3)
-    full = engine.generate(PROMPTS, 24)
-    early = engine.generate(PROMPTS, 24, stop=stops)
-    for f, e in zip(full, early, strict=True):
-        assert f.startswith(e)  # the same greedy path, possibly cut short
-        assert _cut(e, stops) == _cut(f, stops)
-    if stops != ["zzzz"]:
-        assert sum(map(len, early)) < sum(map(len, full))  # it really stopped early
-    else:
-        assert early == full
-
-
 class ShapeRecorder(torch.nn.Module):
     """Passes calls through to a causal LM and records the input_ids shape of each."""
 
@@ -114,6 +97,29 @@ class ShapeRecorder(torch.nn.Module):
     def forward(self, **kw):
         self.shapes.append(tuple(kw["input_ids"].shape))
         return self.inner(**kw)
+
+
+@pytest.mark.parametrize("stops", [["e"], [" ", "\n"], ["an", "a"], ["zzzz"]])
+def test_generate_with_stop_strings_keeps_the_text_before_the_stop(tiny_tokenizer, stops):
+    model = make_tiny_model(tiny_tokenizer, seed=0)
+    with torch.no_grad():
+        model.model.embed_tokens.weight.mul_(20)
+    recorder = ShapeRecorder(model)
+    engine = HFEngine(model=recorder, tokenizer=tiny_tokenizer, batch_size=7)
+    full = engine.generate(PROMPTS, 24)
+    recorder.shapes.clear()
+    early = engine.generate(PROMPTS, 24, stop=stops)
+    single = HFEngine(model=model, tokenizer=tiny_tokenizer, batch_size=1)
+    assert early == single.generate(PROMPTS, 24, stop=stops)  # rows leaving changes nothing
+    if stops == ["e"]:  # 2 of 7 rows stop at once: they leave the batch
+        assert min(shape[0] for shape in recorder.shapes) == len(PROMPTS) - 2
+    for f, e in zip(full, early, strict=True):
+        assert f.startswith(e)  # the same greedy path, possibly cut short
+        assert _cut(e, stops) == _cut(f, stops)
+    if stops != ["zzzz"]:
+        assert sum(map(len, early)) < sum(map(len, full))  # it really stopped early
+    else:
+        assert early == full
 
 
 def test_shared_prompt_prefix_is_prefilled_once_with_equal_outputs(tiny_tokenizer):
@@ -327,3 +333,31 @@ def test_reserved_kv_cache_gives_the_same_logits_and_regrows(tiny_tokenizer):
     cache.batch_repeat_interleave(3)
     assert cache.layers[0].keys.shape[0] == 6
     assert torch.equal(cache.layers[0].keys[1], plain_cache.layers[0].keys[0])
+
+
+@pytest.mark.parametrize(
+    "lengths, batch_size, max_tokens, expected",
+    [
+        ([3, 9, 5, 9, 1], 2, None, [[1, 3], [2, 0], [4]]),  # longest first, ties by index
+        ([3, 9, 5, 9, 1], 8, 20, [[1, 3], [2, 0, 4]]),  # 3 rows of 9 would be 27 > 20
+        ([30, 2, 2], 8, 10, [[0], [1, 2]]),  # a row longer than the budget goes alone
+        ([4] * 5, 8, 8, [[0, 1], [2, 3], [4]]),
+        ([], 4, 10, []),
+    ],
+)
+def test_length_sorted_batches_respect_rows_and_tokens(lengths, batch_size, max_tokens, expected):
+    from muse_bench.engines.hf import _length_sorted_batches
+
+    assert list(_length_sorted_batches(lengths, batch_size, max_tokens)) == expected
+
+
+def test_token_budget_does_not_change_scores(tiny_tokenizer):
+    model = make_tiny_model(tiny_tokenizer, seed=3)
+    texts = [p for p in PROMPTS if p] * 2
+    wide = HFEngine(model=model, tokenizer=tiny_tokenizer, batch_size=16, score_tokens=10**6)
+    narrow = HFEngine(model=model, tokenizer=tiny_tokenizer, batch_size=16, score_tokens=20)
+    for a, b in zip(
+        wide.token_logprobs(texts, True), narrow.token_logprobs(texts, True), strict=True
+    ):
+        np.testing.assert_allclose(a.logprobs, b.logprobs, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(a.std, b.std, rtol=1e-5, atol=1e-6)

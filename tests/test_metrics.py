@@ -292,6 +292,16 @@ def test_bootstrap_mean_ci():
     assert (lo, hi) == pytest.approx(tuple(np.percentile(loop, [2.5, 97.5])), abs=1e-9)
 
 
+@pytest.mark.parametrize("seed", range(5))
+def test_mia_auc_equals_sklearn_roc_auc(seed):
+    rng = np.random.default_rng(seed)
+    forget = np.round(rng.normal(1.0, 1.0, 17 + seed), 1)  # rounding makes ties happen
+    holdout = np.round(rng.normal(1.3, 1.0, 23), 1)
+    labels = [0] * len(forget) + [1] * len(holdout)
+    expected = roc_auc_score(labels, -np.concatenate([forget, holdout]))
+    assert mia_auc(forget, holdout) == pytest.approx(expected, abs=1e-12)
+
+
 def test_bootstrap_privleak_matches_sklearn_loop():
     rng = np.random.default_rng(3)
     forget = np.round(rng.normal(1.0, 1.0, 30), 1)  # rounding makes ties happen

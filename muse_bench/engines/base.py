@@ -144,7 +144,7 @@ def make_engine(
     tokenizer: Any = None,
     model_path: str | None = None,
     device: str = "cpu",
-    batch_size: int = 16,
+    batch_size: int = 32,
     max_length: int | None = None,
 ) -> Engine:
     """Build the engine registered as `name` ("hf", "vllm", or a plugin).

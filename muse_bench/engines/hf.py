@@ -21,30 +21,50 @@ from muse_bench.engines.kv_reserve import reserve
 from muse_bench.errors import ConfigError
 
 
-def _length_sorted_batches(lengths: Sequence[int], batch_size: int) -> Iterator[list[int]]:
-    """Indices grouped into batches of similar length, longest first (so OOM shows early)."""
+def _length_sorted_batches(
+    lengths: Sequence[int], batch_size: int, max_tokens: int | None = None
+) -> Iterator[list[int]]:
+    """Indices grouped into batches of similar length, longest first (so OOM shows early).
+
+    A batch holds at most `batch_size` rows and, with `max_tokens`, at most that many
+    padded tokens (rows x its longest row), but always at least one row.
+    """
     order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
-    for start in range(0, len(order), batch_size):
-        yield order[start : start + batch_size]
+    batch: list[int] = []
+    for i in order:
+        width = lengths[batch[0]] if batch else lengths[i]  # longest first: the first is widest
+        full = len(batch) == batch_size
+        if batch and (full or (max_tokens is not None and (len(batch) + 1) * width > max_tokens)):
+            yield batch
+            batch = []
+        batch.append(i)
+    if batch:
+        yield batch
+
+
+#: Padded tokens per scoring batch on CPU, where a forward pass runs fastest on a few
+#: thousand tokens (embedded target, 2 threads: 1.25 s for the privleak texts in batches of
+#: ~3k tokens against 1.53 s in batches of 32 texts, ~8k tokens: the logits of a large
+#: batch no longer fit the caches). GPUs take whole batches.
+CPU_SCORE_TOKENS = 3072
 
 
 #: Shortest shared prompt prefix worth a prefill of its own.
 MIN_SHARED_PREFIX = 16
 
 
-def _repeat_cache(cache: Any, n: int) -> Any:
-    """`cache` (one row) repeated to `n` rows, or None if it cannot be.
+def _cache_can(cache: Any, method: str) -> bool:
+    """Whether `cache` (or every cache of a tuple, as a wrapper running several models
+    such as WHP returns) has the Hugging Face cache method `method`."""
+    if isinstance(cache, tuple):
+        return bool(cache) and all(_cache_can(c, method) for c in cache)
+    return hasattr(cache, method)
 
-    Hugging Face caches repeat in place (`batch_repeat_interleave`); a tuple of caches
-    (a wrapper that runs several models, such as WHP) repeats each member.
-    """
-    if hasattr(cache, "batch_repeat_interleave"):
-        cache.batch_repeat_interleave(n)
-        return cache
-    if isinstance(cache, tuple) and cache:
-        members = [_repeat_cache(c, n) for c in cache]
-        return None if any(m is None for m in members) else tuple(members)
-    return None
+
+def _cache_apply(cache: Any, method: str, arg: Any) -> None:
+    """Call `method(arg)` on `cache` (in place) or on every cache of a tuple."""
+    for member in cache if isinstance(cache, tuple) else (cache,):
+        getattr(member, method)(arg)
 
 
 @contextmanager
@@ -87,6 +107,9 @@ class HFEngine:
     ids computed from the attention mask, texts are right-padded, and inputs are
     processed longest first and returned in input order.
 
+    Scoring batches hold at most `batch_size` texts and, with `score_tokens` (default
+    `CPU_SCORE_TOKENS` on CPU, none elsewhere), at most that many padded tokens.
+
     Truncation (`max_length`, default the model's `max_position_embeddings`): a prompt
     longer than `max_length - max_new_tokens` keeps BOS and its last tokens (the text
     nearest to the continuation); a scored text keeps its first `max_length` tokens.
@@ -101,8 +124,9 @@ class HFEngine:
         tokenizer: Any = None,
         model_path: str | None = None,
         device: str = "cpu",
-        batch_size: int = 16,
+        batch_size: int = 32,
         max_length: int | None = None,
+        score_tokens: int | None = None,
     ) -> None:
         if batch_size < 1:
             raise ConfigError(f"batch size must be at least 1, not {batch_size}.")
@@ -125,6 +149,10 @@ class HFEngine:
         self.batch_size = batch_size
         param = next(iter(model.parameters()), None) if hasattr(model, "parameters") else None
         self.device = param.device if param is not None else torch.device(device)
+        # padded tokens per scoring batch (see CPU_SCORE_TOKENS); None: batch_size only
+        self.score_tokens = score_tokens or (
+            CPU_SCORE_TOKENS if self.device.type == "cpu" else None
+        )
         config = getattr(model, "config", None)
         self.max_length = max_length or getattr(config, "max_position_embeddings", None)
         self.pad_id = next(
@@ -209,8 +237,10 @@ class HFEngine:
         position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)[:, shared:]
         next_position = attention_mask.sum(-1, keepdim=True)
         eos = torch.tensor(self.eos_ids, dtype=torch.long, device=self.device)
+        tokens = torch.full((n, max_new_tokens), self.pad_id, dtype=torch.long, device=self.device)
+        active = torch.arange(n, device=self.device)  # the input row of each batch row
         finished = torch.zeros(n, dtype=torch.bool, device=self.device)
-        generated: list[torch.Tensor] = []
+        steps = 0
         for step in range(max_new_tokens):
             out = self.model(
                 input_ids=input_ids,
@@ -225,20 +255,32 @@ class HFEngine:
                 past = reserve(past, max_new_tokens - 1)
             token = out.logits[:, -1, :].argmax(dim=-1)
             token = torch.where(finished, torch.full_like(token, self.pad_id), token)
-            generated.append(token)
+            tokens[active, step] = token
+            steps = step + 1
             finished |= torch.isin(token, eos)
             if stop:
-                finished |= self._stopped(generated, finished, stop)
-            if step == max_new_tokens - 1 or bool(finished.all()):
+                finished |= self._stopped(tokens[active, :steps], finished, stop)
+            if steps == max_new_tokens or bool(finished.all()):
                 break
             input_ids = token[:, None]
-            attention_mask = torch.cat([attention_mask, attention_mask.new_ones((n, 1))], dim=1)
+            attention_mask = torch.cat(
+                [attention_mask, attention_mask.new_ones((len(token), 1))], 1
+            )
             position_ids = next_position
             next_position = next_position + 1
-        tokens = torch.stack(generated, dim=1).tolist()
+            # Rows that are done leave the batch once a quarter of it is (when the cache
+            # can drop rows), so a few long answers do not keep the whole batch running.
+            if 4 * int(finished.sum()) >= len(finished) and _cache_can(
+                past, "batch_select_indices"
+            ):
+                keep = (~finished).nonzero().squeeze(-1)
+                _cache_apply(past, "batch_select_indices", keep)
+                active, finished, input_ids = active[keep], finished[keep], input_ids[keep]
+                attention_mask, position_ids = attention_mask[keep], position_ids[keep]
+                next_position = next_position[keep]
         eos_set = set(self.eos_ids)
         cut: list[list[int]] = []
-        for row in tokens:
+        for row in tokens[:, :steps].tolist():
             end = next((j for j, t in enumerate(row) if t in eos_set), len(row))
             cut.append(row[:end])
         return cut
@@ -265,18 +307,19 @@ class HFEngine:
             use_cache=True,
             **extra,
         )
-        cache = _repeat_cache(out.past_key_values, len(rows))
-        return (shared, cache) if cache is not None else (0, None)
+        cache = out.past_key_values
+        if not _cache_can(cache, "batch_repeat_interleave"):
+            return 0, None
+        _cache_apply(cache, "batch_repeat_interleave", len(rows))
+        return shared, cache
 
     def _stopped(
-        self, generated: list[torch.Tensor], finished: torch.Tensor, stop: Sequence[str]
+        self, tokens: torch.Tensor, finished: torch.Tensor, stop: Sequence[str]
     ) -> torch.Tensor:
-        """Rows not yet finished whose decoded text has settled on a stop string."""
-        tokens = torch.stack(generated, dim=1).tolist()
-        done = finished.tolist()
+        """Rows not yet finished whose decoded new `tokens` have settled on a stop string."""
         hit = [
-            not d and stop_settled(self.tokenizer.decode(row, **DECODE_KWARGS), stop)
-            for row, d in zip(tokens, done, strict=True)
+            not done and stop_settled(self.tokenizer.decode(row, **DECODE_KWARGS), stop)
+            for row, done in zip(tokens.tolist(), finished.tolist(), strict=True)
         ]
         return torch.tensor(hit, dtype=torch.bool, device=finished.device)
 
@@ -290,7 +333,8 @@ class HFEngine:
             encoded = [ids[: self.max_length] for ids in encoded]
         results: list[TokenScores | None] = [None] * len(encoded)
         with _progress(len(encoded), desc) as bar, _eval_mode(self.model):
-            for batch in _length_sorted_batches([len(x) for x in encoded], self.batch_size):
+            lengths = [len(x) for x in encoded]
+            for batch in _length_sorted_batches(lengths, self.batch_size, self.score_tokens):
                 scores = self._score([encoded[i] for i in batch], with_stats)
                 for i, s in zip(batch, scores, strict=True):
                     results[i] = s

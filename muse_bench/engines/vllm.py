@@ -36,7 +36,7 @@ class VLLMEngine:
         tokenizer: Any = None,
         model_path: str | None = None,
         device: str = "cuda",
-        batch_size: int = 16,
+        batch_size: int = 32,
         max_length: int | None = None,
         dtype: str = "bfloat16",
         gpu_memory_utilization: float = 0.85,

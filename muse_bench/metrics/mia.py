@@ -179,10 +179,15 @@ def _checked(values: Sequence[float], split: str) -> np.ndarray:
 
 
 def mia_auc(forget_scores: Sequence[float], holdout_scores: Sequence[float]) -> float:
-    """ROC AUC separating forget (label 0) from holdout (label 1) on the negated score."""
-    from sklearn.metrics import roc_auc_score
+    """ROC AUC separating forget (label 0) from holdout (label 1) on the negated score.
 
+    That is `sklearn.metrics.roc_auc_score(labels, -scores)` (the tests check it), computed
+    as the Mann-Whitney pair count: the share of (holdout, forget) pairs where the holdout
+    document scores lower, ties counting one half. sklearn's input validation alone costs
+    8 ms a call, and a report computes 21 attacks' AUCs.
+    """
     f = _checked(forget_scores, "forget")
     h = _checked(holdout_scores, "holdout")
-    labels = np.concatenate([np.zeros(len(f)), np.ones(len(h))])
-    return float(roc_auc_score(labels, -np.concatenate([f, h])))
+    lower = np.count_nonzero(h[:, None] < f[None, :])
+    ties = np.count_nonzero(h[:, None] == f[None, :])
+    return float((lower + 0.5 * ties) / (f.size * h.size))
