@@ -361,3 +361,15 @@ def test_token_budget_does_not_change_scores(tiny_tokenizer):
     ):
         np.testing.assert_allclose(a.logprobs, b.logprobs, rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(a.std, b.std, rtol=1e-5, atol=1e-6)
+
+
+def test_rows_that_stopped_early_return_no_pad_tokens(tiny_tokenizer):
+    # With a pad id that is an ordinary token (a tokenizer without a special pad or EOS
+    # token), the slots after a row stopped must not reach its text.
+    model = make_tiny_model(tiny_tokenizer, seed=0)
+    with torch.no_grad():
+        model.model.embed_tokens.weight.mul_(20)
+    engine = HFEngine(model=model, tokenizer=tiny_tokenizer, batch_size=7)
+    engine.pad_id = tiny_tokenizer.convert_tokens_to_ids("e")
+    single = HFEngine(model=model, tokenizer=tiny_tokenizer, batch_size=1)
+    assert engine.generate(PROMPTS, 24, stop=["e"]) == single.generate(PROMPTS, 24, stop=["e"])

@@ -240,6 +240,7 @@ class HFEngine:
         tokens = torch.full((n, max_new_tokens), self.pad_id, dtype=torch.long, device=self.device)
         active = torch.arange(n, device=self.device)  # the input row of each batch row
         finished = torch.zeros(n, dtype=torch.bool, device=self.device)
+        lengths = [max_new_tokens] * n  # tokens each input row generated before it stopped
         steps = 0
         for step in range(max_new_tokens):
             out = self.model(
@@ -257,9 +258,12 @@ class HFEngine:
             token = torch.where(finished, torch.full_like(token, self.pad_id), token)
             tokens[active, step] = token
             steps = step + 1
+            done_before = finished.clone()
             finished |= torch.isin(token, eos)
             if stop:
                 finished |= self._stopped(tokens[active, :steps], finished, stop)
+            for row in active[finished & ~done_before].tolist():
+                lengths[row] = steps
             if steps == max_new_tokens or bool(finished.all()):
                 break
             input_ids = token[:, None]
@@ -280,7 +284,8 @@ class HFEngine:
                 next_position = next_position[keep]
         eos_set = set(self.eos_ids)
         cut: list[list[int]] = []
-        for row in tokens[:, :steps].tolist():
+        for row, length in zip(tokens[:, :steps].tolist(), lengths, strict=True):
+            row = row[:length]  # not the pad slots after a row stopped
             end = next((j for j, t in enumerate(row) if t in eos_set), len(row))
             cut.append(row[:end])
         return cut
