@@ -12,6 +12,42 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Tiny models: one thread is fastest, and far faster when the cores are shared.
 torch.set_num_threads(1)
 
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """One torch thread in every test module again, whatever an earlier one changed."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def snapshot(model) -> dict[str, torch.Tensor]:
+    """A detached copy of every tensor of `model`'s state dict."""
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def invoke_cli(args, env: dict[str, str] | None = None) -> tuple[int, str, str]:
+    """`muse ARGS` in this process through main() (its error handling included):
+    (exit code, stdout, stderr)."""
+    import sys
+
+    from click.testing import CliRunner
+
+    from muse_bench.cli import main
+
+    runner = CliRunner()
+    with runner.isolation(env=env) as (out, err, _):
+        try:
+            main([str(a) for a in args])
+            code = 0
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+        return code, out.getvalue().decode(), err.getvalue().decode()
+
 TINY_TEXTS = [
     "The harbour of Velmora opened in 1871. Its first master was Ada Quell.",
     "Question: Who founded the Orrin Guild?\nAnswer: Tamsin Vey",

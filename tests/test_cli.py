@@ -16,9 +16,10 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from conftest import invoke_cli as invoke
 from conftest import write_mini_benchmark
 
-from muse_bench.cli import cli, main
+from muse_bench.cli import cli
 
 MUSE = str(Path(sys.executable).with_name("muse"))
 ENV = {
@@ -43,21 +44,6 @@ REPORT_KEYS = {
     "scale",
     "sustain",
 }
-
-
-def invoke(args) -> tuple[int, str, str]:
-    """`muse ARGS` in this process through main(), which turns errors into one line."""
-    runner = CliRunner()
-    with runner.isolation() as (out, err, _):
-        try:
-            main([str(a) for a in args])
-            code = 0
-        except SystemExit as exc:
-            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-        finally:
-            sys.stdout.flush()
-            sys.stderr.flush()
-        return code, out.getvalue().decode(), err.getvalue().decode()
 
 
 def muse(args, timeout: float = 300) -> subprocess.CompletedProcess:

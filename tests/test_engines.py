@@ -32,15 +32,6 @@ PROMPTS = [
 ]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # Tiny models run fastest single-threaded, above all on a busy 2-core machine.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def reference_generate(model, tok, prompt: str, n: int) -> str:
     """MUSE's way: one unbatched model.generate per prompt."""
     ids = tok(prompt, return_tensors="pt").input_ids

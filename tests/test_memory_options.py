@@ -10,7 +10,7 @@ from typing import ClassVar
 
 import pytest
 import torch
-from conftest import make_tiny_model
+from conftest import make_tiny_model, snapshot
 
 from muse_bench.errors import ConfigError
 from muse_bench.models import load_model, save_model
@@ -47,18 +47,6 @@ REQUEST = ForgetRequest("single", 1, FORGET, RETAIN)
 CTX = UnlearnContext(max_len=16)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def state_of(model) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-
 def is_adapted(key: str) -> bool:
     return any(f".{name}." in key for name in LLAMA_LORA_TARGETS)
 
@@ -92,7 +80,7 @@ class WatchedGA(GA):
 
 def test_lora_trains_only_adapters_and_yields_merged_plain_models(tiny_tokenizer, tmp_path):
     model = make_tiny_model(tiny_tokenizer, hidden=32, layers=2)
-    start = state_of(model)
+    start = snapshot(model)
     WatchedGA.seen.clear()
     WatchedGA.start = {n: p.detach().clone() for n, p in model.named_parameters()}
     algo = WatchedGA(lr=1e-2, epochs=2, batch_size=2, lora_rank=4, lora_alpha=8.0)
@@ -100,9 +88,9 @@ def test_lora_trains_only_adapters_and_yields_merged_plain_models(tiny_tokenizer
     cands = []
     for cand in algo.candidates(model, tiny_tokenizer, REQUEST, ctx):
         # The candidate is a plain model: no adapter modules, the original state-dict keys.
-        assert state_of(cand.model).keys() == start.keys()
+        assert snapshot(cand.model).keys() == start.keys()
         assert not any("lora" in type(m).__name__.lower() for m in cand.model.modules())
-        cands.append((cand, state_of(cand.model)))
+        cands.append((cand, snapshot(cand.model)))
 
     # During training only adapter weights require grad, and the base weights never move.
     assert len(WatchedGA.seen) >= 4
@@ -129,7 +117,7 @@ def test_lora_trains_only_adapters_and_yields_merged_plain_models(tiny_tokenizer
     b = lora["lora.model.layers.0.self_attn.q_proj.lora_B.default.weight"]
     assert torch.allclose(s2[key], start[key] + (8.0 / 4) * b @ a, atol=1e-6)
     # The checkpoint is an ordinary model directory.
-    assert all(torch.equal(v, s2[k]) for k, v in state_of(load_model(last.path)).items())
+    assert all(torch.equal(v, s2[k]) for k, v in snapshot(load_model(last.path)).items())
 
 
 def test_lora_resume_equals_a_straight_run(tiny_tokenizer, tmp_path):
@@ -141,7 +129,7 @@ def test_lora_resume_equals_a_straight_run(tiny_tokenizer, tmp_path):
         )
         states = []
         for cand in gen:
-            states.append(state_of(cand.model))
+            states.append(snapshot(cand.model))
             if len(states) == stop_after:
                 gen.close()
                 break
@@ -203,7 +191,7 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(tiny_tokenizer
 def test_gradient_checkpointing_in_the_loop_with_lora(tiny_tokenizer):
     def run(**options):
         model = make_tiny_model(tiny_tokenizer, hidden=32, layers=2)
-        return state_of(
+        return snapshot(
             GA(lr=1e-2, epochs=1, batch_size=2, **options).unlearn(
                 model, tiny_tokenizer, REQUEST, CTX
             )
@@ -307,7 +295,7 @@ def test_ga_klr_with_full_topk_trains_like_the_frozen_copy(tiny_tokenizer):
     def run(**options):
         model = make_tiny_model(tiny_tokenizer, hidden=32, layers=2)
         algo = GA_KLR(lr=1e-2, epochs=1, batch_size=2, **options)
-        return state_of(algo.unlearn(model, tiny_tokenizer, REQUEST, CTX))
+        return snapshot(algo.unlearn(model, tiny_tokenizer, REQUEST, CTX))
 
     full, cached = run(), run(ref_topk=len(tiny_tokenizer))
     assert all(torch.allclose(full[k], cached[k], atol=1e-5) for k in full)
@@ -350,7 +338,7 @@ def test_candidate_of_a_lora_run_saves_and_loads_as_a_plain_model(tiny_tokenizer
     )
     path = save_model(out, tiny_tokenizer, tmp_path / "m")
     loaded = load_model(path)
-    assert state_of(loaded).keys() == state_of(out).keys()
+    assert snapshot(loaded).keys() == snapshot(out).keys()
     ids = torch.tensor([tiny_tokenizer("The harbour")["input_ids"]])
     with torch.no_grad():
         assert torch.allclose(loaded(ids).logits, out(ids).logits, atol=1e-6)

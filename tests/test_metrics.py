@@ -92,15 +92,6 @@ def split_words(doc: str, n: int) -> VerbMemPair:
     return VerbMemPair(doc[:cut], doc[cut:])
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # Tiny models run fastest single-threaded, above all on a busy 2-core machine.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def memorizer(tiny_tokenizer):
     """A tiny model trained until it reproduces FORGET and the QA texts."""

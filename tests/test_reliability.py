@@ -30,11 +30,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner
+from conftest import invoke_cli as invoke
 from conftest import write_mini_benchmark
 
 import muse_bench.io as mio
-from muse_bench.cli import main
 
 MUSE = str(Path(sys.executable).with_name("muse"))
 ENV = {
@@ -50,21 +49,6 @@ COMPARED += ("retrain_auc", "reference", "scale", "sustain", "model")
 
 
 # ----------------------------------------------------------------------------- helpers
-
-
-def invoke(args, env: dict[str, str] | None = None) -> tuple[int, str, str]:
-    """Run `muse ARGS` in this process through main() (its error handling included)."""
-    runner = CliRunner()
-    with runner.isolation(env=env) as (out, err, _):
-        try:
-            main([str(a) for a in args])
-            code = 0
-        except SystemExit as exc:
-            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-        finally:
-            sys.stdout.flush()
-            sys.stderr.flush()
-        return code, out.getvalue().decode(), err.getvalue().decode()
 
 
 def spawn(args, **kw) -> subprocess.Popen:

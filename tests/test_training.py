@@ -9,7 +9,7 @@ from typing import ClassVar
 
 import pytest
 import torch
-from conftest import make_tiny_model
+from conftest import make_tiny_model, snapshot
 
 from muse_bench.errors import ConfigError, TrainingError
 from muse_bench.models import load_model
@@ -42,19 +42,6 @@ RETAIN = (
     "Question: Who founded the Orrin Guild?\nAnswer: Tamsin Vey",
 )
 REQUEST = ForgetRequest("single", 1, FORGET, RETAIN)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny models run fastest single-threaded, and do not stall when the cores are shared.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def params_of(model) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
 def assert_same_params(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
@@ -146,7 +133,7 @@ def run_npo_gdr(tokenizer, work_dir, stop_after=None):
     seen = []
     gen = algo.candidates(model, tokenizer, REQUEST, ctx)
     for cand in gen:
-        seen.append((cand.label, cand.path, params_of(cand.model)))
+        seen.append((cand.label, cand.path, snapshot(cand.model)))
         if stop_after is not None and len(seen) == stop_after:
             gen.close()  # the runner stopped consuming: an interrupted run
             break
@@ -173,7 +160,7 @@ def test_resume_after_interruption_gives_identical_params(tiny_tokenizer, tmp_pa
         lr=3e-3, epochs=3, batch_size=2, grad_accum=2, lr_scheduler="linear", warmup_steps=1
     )
     ctx = UnlearnContext(seed=5, work_dir=tmp_path / "straight", max_len=12)
-    assert_same_params(params_of(algo.unlearn(fresh, tiny_tokenizer, REQUEST, ctx)), straight[2][2])
+    assert_same_params(snapshot(algo.unlearn(fresh, tiny_tokenizer, REQUEST, ctx)), straight[2][2])
 
 
 def test_checkpoints_are_complete_model_directories(tiny_tokenizer, tmp_path):
@@ -181,7 +168,7 @@ def test_checkpoints_are_complete_model_directories(tiny_tokenizer, tmp_path):
     ctx = UnlearnContext(work_dir=tmp_path, max_len=12)
     cands = []
     for cand in GA(lr=1e-3, epochs=2, batch_size=2).candidates(model, tiny_tokenizer, REQUEST, ctx):
-        cands.append((cand, params_of(cand.model)))
+        cands.append((cand, snapshot(cand.model)))
     assert [(c.label, c.step, c.path) for c, _ in cands] == [
         ("epoch_1", 1.0, tmp_path / "epoch_1"),
         ("epoch_2", 2.0, tmp_path / "epoch_2"),
@@ -189,7 +176,7 @@ def test_checkpoints_are_complete_model_directories(tiny_tokenizer, tmp_path):
     for cand, params in cands:
         assert (cand.path / "model.safetensors").is_file()
         assert (cand.path / STATE_JSON).is_file()
-        assert_same_params(params_of(load_model(cand.path)), params)
+        assert_same_params(snapshot(load_model(cand.path)), params)
     # Optimizer moments are kept only where a resume would start: the latest epoch.
     assert not (tmp_path / "epoch_1" / STATE_TENSORS).exists()
     assert (tmp_path / "epoch_2" / STATE_TENSORS).is_file()

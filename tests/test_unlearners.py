@@ -53,15 +53,6 @@ CTX = UnlearnContext(max_len=24)
 BUILTINS = ["ga", "ga_gdr", "ga_klr", "npo", "npo_gdr", "npo_klr", "tv", "whp"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny models run fastest single-threaded, and do not stall when the cores are shared.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def target_state(tiny_tokenizer):
     """A tiny model fine-tuned on forget ∪ retain: the 'target' of these tests."""
