@@ -6,6 +6,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from muse_bench.metrics.mia import auc_pairs
 from muse_bench.metrics.privleak import privleak
 
 DEFAULT_RESAMPLES = 1000
@@ -72,7 +73,7 @@ def bootstrap_auc(
     idx_h = rng.integers(0, h.size, size=(n_resamples, h.size))
     # AUC = P(holdout scores lower than forget) + ½ P(tie), as roc_auc_score(y, -score)
     # with holdout positive. A resample's AUC is the count-weighted mean of this pair matrix.
-    pair = (h[:, None] < f[None, :]) + 0.5 * (h[:, None] == f[None, :])
+    pair = auc_pairs(f, h)
     weighted = _counts(idx_h, h.size) @ pair
     return (weighted * _counts(idx_f, f.size)).sum(axis=1) / (f.size * h.size)
 

@@ -188,6 +188,10 @@ def mia_auc(forget_scores: Sequence[float], holdout_scores: Sequence[float]) -> 
     """
     f = _checked(forget_scores, "forget")
     h = _checked(holdout_scores, "holdout")
-    lower = np.count_nonzero(h[:, None] < f[None, :])
-    ties = np.count_nonzero(h[:, None] == f[None, :])
-    return float((lower + 0.5 * ties) / (f.size * h.size))
+    return float(auc_pairs(f, h).mean())
+
+
+def auc_pairs(forget: np.ndarray, holdout: np.ndarray) -> np.ndarray:
+    """The (holdout x forget) matrix whose mean is the MIA AUC: 1 where the holdout
+    document scores lower, 1/2 on a tie, 0 otherwise (MUSE's orientation)."""
+    return (holdout[:, None] < forget[None, :]) + 0.5 * (holdout[:, None] == forget[None, :])
