@@ -32,6 +32,15 @@ PROMPTS = [
 ]
 
 
+def spread_model(tokenizer, seed: int):
+    """A tiny model whose larger embeddings spread the logits, so greedy paths are varied
+    between prompts rather than all one token."""
+    model = make_tiny_model(tokenizer, seed=seed)
+    with torch.no_grad():
+        model.model.embed_tokens.weight.mul_(20)
+    return model
+
+
 def reference_generate(model, tok, prompt: str, n: int) -> str:
     """MUSE's way: one unbatched model.generate per prompt."""
     ids = tok(prompt, return_tensors="pt").input_ids
@@ -41,10 +50,7 @@ def reference_generate(model, tok, prompt: str, n: int) -> str:
 
 @pytest.mark.parametrize("seed", [0, 1])
 def test_batched_generate_equals_one_at_a_time(tiny_tokenizer, seed):
-    # A larger init spreads the logits so greedy paths are varied, not all one token.
-    model = make_tiny_model(tiny_tokenizer, seed=seed)
-    with torch.no_grad():
-        model.model.embed_tokens.weight.mul_(20)
+    model = spread_model(tiny_tokenizer, seed)
     engine = HFEngine(model=model, tokenizer=tiny_tokenizer, batch_size=3)
     batched = engine.generate(PROMPTS, 24)
     single = HFEngine(model=model, tokenizer=tiny_tokenizer, batch_size=1).generate(PROMPTS, 24)
@@ -92,9 +98,7 @@ class ShapeRecorder(torch.nn.Module):
 
 @pytest.mark.parametrize("stops", [["e"], [" ", "\n"], ["an", "a"], ["zzzz"]])
 def test_generate_with_stop_strings_keeps_the_text_before_the_stop(tiny_tokenizer, stops):
-    model = make_tiny_model(tiny_tokenizer, seed=0)
-    with torch.no_grad():
-        model.model.embed_tokens.weight.mul_(20)
+    model = spread_model(tiny_tokenizer, seed=0)
     recorder = ShapeRecorder(model)
     engine = HFEngine(model=recorder, tokenizer=tiny_tokenizer, batch_size=7)
     full = engine.generate(PROMPTS, 24)
@@ -114,9 +118,7 @@ def test_generate_with_stop_strings_keeps_the_text_before_the_stop(tiny_tokenize
 
 
 def test_shared_prompt_prefix_is_prefilled_once_with_equal_outputs(tiny_tokenizer):
-    model = make_tiny_model(tiny_tokenizer, seed=1)
-    with torch.no_grad():
-        model.model.embed_tokens.weight.mul_(20)
+    model = spread_model(tiny_tokenizer, seed=1)
     few_shot = "".join(f"Question: Who built bridge {i}?\nAnswer: Mason {i}\n\n" for i in range(4))
     # Prompts end differently (a random model's output depends mostly on the last tokens).
     prompts = [few_shot + p for p in PROMPTS if p]
@@ -357,9 +359,7 @@ def test_token_budget_does_not_change_scores(tiny_tokenizer):
 def test_rows_that_stopped_early_return_no_pad_tokens(tiny_tokenizer):
     # With a pad id that is an ordinary token (a tokenizer without a special pad or EOS
     # token), the slots after a row stopped must not reach its text.
-    model = make_tiny_model(tiny_tokenizer, seed=0)
-    with torch.no_grad():
-        model.model.embed_tokens.weight.mul_(20)
+    model = spread_model(tiny_tokenizer, seed=0)
     engine = HFEngine(model=model, tokenizer=tiny_tokenizer, batch_size=7)
     engine.pad_id = tiny_tokenizer.convert_tokens_to_ids("e")
     single = HFEngine(model=model, tokenizer=tiny_tokenizer, batch_size=1)
