@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Generic, Protocol, TypeVar, runtime_checkable
 
 import numpy as np
 
 from muse_bench.errors import ConfigError
 from muse_bench.registry import Registry
+
+T_co = TypeVar("T_co", covariant=True)
 
 #: Keyword arguments used whenever token ids are turned back into text (generations and
 #: truncated ground truths alike), so both sides of a ROUGE comparison are decoded the
@@ -132,6 +134,37 @@ class Engine(Protocol):
     ) -> list[TokenScores]:
         """Score every token after BOS of each text (encoded with BOS)."""
         ...
+
+
+class Pending(Protocol[T_co]):
+    """A result that may still be computing; `result()` waits for it."""
+
+    def result(self) -> T_co: ...
+
+
+class Ready(Generic[T_co]):
+    """A result that is already there (what engines that score at once return)."""
+
+    def __init__(self, value: T_co) -> None:
+        self._value = value
+
+    def result(self) -> T_co:
+        return self._value
+
+
+def submit_token_logprobs(
+    engine: Engine, texts: Sequence[str], with_stats: bool = False, *, desc: str | None = None
+) -> Pending[list[TokenScores]]:
+    """Start `engine.token_logprobs(texts, with_stats)`; collect it with `.result()`.
+
+    Engines that can score in the background (`submit_token_logprobs`, as the hf engine on
+    CPU) do so while the caller goes on, without a progress bar; any other engine scores
+    now, with `desc` labelling its bar.
+    """
+    submit = getattr(engine, "submit_token_logprobs", None)
+    if submit is not None:
+        return submit(texts, with_stats, desc=desc)
+    return Ready(engine.token_logprobs(texts, with_stats, desc=desc))
 
 
 ENGINES: Registry[Any] = Registry("engine", entry_point_group="muse_bench.engines")

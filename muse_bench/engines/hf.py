@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import inspect
+import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
 import torch
 
+from muse_bench.engines.background import LANE, ScoringJob
 from muse_bench.engines.base import (
     DECODE_KWARGS,
     ENGINES,
+    Ready,
     TokenScores,
     encode_texts,
     fit_prompt,
@@ -67,17 +70,32 @@ def _cache_apply(cache: Any, method: str, arg: Any) -> None:
         getattr(member, method)(arg)
 
 
+_MODE_LOCK = threading.Lock()
+#: id(model) -> [blocks in eval mode now, whether the model was training before the first]
+_MODE_HOLDS: dict[int, list] = {}
+
+
 @contextmanager
 def _eval_mode(model: Any) -> Iterator[None]:
-    """Run `model` in eval mode (no dropout), then restore the mode it had."""
-    was_training = getattr(model, "training", False)
-    if was_training:
-        model.eval()
+    """Run `model` in eval mode (no dropout), then restore the mode it had.
+
+    Blocks may overlap (background scoring runs beside generation): the model returns to
+    training mode only when the last one ends.
+    """
+    with _MODE_LOCK:
+        hold = _MODE_HOLDS.setdefault(id(model), [0, getattr(model, "training", False)])
+        if hold[0] == 0 and hold[1]:
+            model.eval()
+        hold[0] += 1
     try:
         yield
     finally:
-        if was_training:
-            model.train()
+        with _MODE_LOCK:
+            hold[0] -= 1
+            if hold[0] == 0:
+                del _MODE_HOLDS[id(model)]
+                if hold[1]:
+                    model.train()
 
 
 def _progress(total: int, desc: str | None) -> Any:
@@ -110,6 +128,9 @@ class HFEngine:
     Scoring batches hold at most `batch_size` texts and, with `score_tokens` (default
     `CPU_SCORE_TOKENS` on CPU, none elsewhere), at most that many padded tokens.
 
+    `submit_token_logprobs` scores on a background thread while the caller generates
+    (on CPU with two or more torch threads, unless `background_scoring=False`).
+
     Truncation (`max_length`, default the model's `max_position_embeddings`): a prompt
     longer than `max_length - max_new_tokens` keeps BOS and its last tokens (the text
     nearest to the continuation); a scored text keeps its first `max_length` tokens.
@@ -127,6 +148,7 @@ class HFEngine:
         batch_size: int = 32,
         max_length: int | None = None,
         score_tokens: int | None = None,
+        background_scoring: bool = True,
     ) -> None:
         if batch_size < 1:
             raise ConfigError(f"batch size must be at least 1, not {batch_size}.")
@@ -147,6 +169,7 @@ class HFEngine:
         self.model = model
         self.tokenizer = tokenizer
         self.batch_size = batch_size
+        self.background_scoring = background_scoring
         param = next(iter(model.parameters()), None) if hasattr(model, "parameters") else None
         self.device = param.device if param is not None else torch.device(device)
         # padded tokens per scoring batch (see CPU_SCORE_TOKENS); None: batch_size only
@@ -206,7 +229,8 @@ class HFEngine:
         results: list[str] = [""] * len(encoded)
         with _progress(len(encoded), desc) as bar, _eval_mode(self.model):
             for batch in _length_sorted_batches([len(x) for x in encoded], self.batch_size):
-                new_tokens = self._greedy([encoded[i] for i in batch], max_new_tokens, stop)
+                with LANE.foreground():
+                    new_tokens = self._greedy([encoded[i] for i in batch], max_new_tokens, stop)
                 for i, toks in zip(batch, new_tokens, strict=True):
                     results[i] = self.tokenizer.decode(toks, **DECODE_KWARGS)
                 bar.update(len(batch))
@@ -333,18 +357,44 @@ class HFEngine:
         self, texts: Sequence[str], with_stats: bool = False, *, desc: str | None = None
     ) -> list[TokenScores]:
         """Log-prob of every token after BOS of each text, optionally with Min-K%++ stats."""
-        encoded = encode_texts(self.tokenizer, texts)
-        if self.max_length is not None:
-            encoded = [ids[: self.max_length] for ids in encoded]
+        encoded, batches = self._scoring_batches(texts)
         results: list[TokenScores | None] = [None] * len(encoded)
         with _progress(len(encoded), desc) as bar, _eval_mode(self.model):
-            lengths = [len(x) for x in encoded]
-            for batch in _length_sorted_batches(lengths, self.batch_size, self.score_tokens):
-                scores = self._score([encoded[i] for i in batch], with_stats)
+            for batch in batches:
+                with LANE.foreground():
+                    scores = self._score([encoded[i] for i in batch], with_stats)
                 for i, s in zip(batch, scores, strict=True):
                     results[i] = s
                 bar.update(len(batch))
         return results  # type: ignore[return-value]
+
+    def submit_token_logprobs(
+        self, texts: Sequence[str], with_stats: bool = False, *, desc: str | None = None
+    ) -> ScoringJob[TokenScores] | Ready[list[TokenScores]]:
+        """`token_logprobs`, run on the background lane (see `engines.background`).
+
+        Returns a job whose `result()` gives the scores; meanwhile this thread can
+        generate. Where background scoring does not pay (an accelerator, one CPU thread,
+        `background_scoring=False`) the texts are scored now, with `desc` labelling the
+        progress bar, and the result is ready.
+        """
+        if not (self.background_scoring and LANE.useful(self.device)):
+            return Ready(self.token_logprobs(texts, with_stats, desc=desc))
+        encoded, batches = self._scoring_batches(texts)
+
+        def score(batch: list[int]) -> list[TokenScores]:
+            with _eval_mode(self.model):
+                return self._score([encoded[i] for i in batch], with_stats)
+
+        return LANE.submit(ScoringJob(len(encoded), batches, score))
+
+    def _scoring_batches(self, texts: Sequence[str]) -> tuple[list[list[int]], list[list[int]]]:
+        """The token ids of each text (truncated to `max_length`) and the scoring batches."""
+        encoded = encode_texts(self.tokenizer, texts)
+        if self.max_length is not None:
+            encoded = [ids[: self.max_length] for ids in encoded]
+        lengths = [len(x) for x in encoded]
+        return encoded, list(_length_sorted_batches(lengths, self.batch_size, self.score_tokens))
 
     @torch.inference_mode()
     def _score(self, rows: list[list[int]], with_stats: bool) -> list[TokenScores]:

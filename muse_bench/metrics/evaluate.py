@@ -15,7 +15,12 @@ from muse_bench.metrics.bootstrap import (
     bootstrap_privleak_ci,
 )
 from muse_bench.metrics.knowmem import eval_knowmem
-from muse_bench.metrics.mia import DEFAULT_ATTACK, available_attacks, check_attack, score_documents
+from muse_bench.metrics.mia import (
+    DEFAULT_ATTACK,
+    available_attacks,
+    check_attack,
+    submit_documents,
+)
 from muse_bench.metrics.privleak import privleak, split_aucs
 from muse_bench.metrics.verbmem import eval_verbmem
 from muse_bench.types import Corpus, RetrainAUC
@@ -111,21 +116,29 @@ def evaluate(
     def desc(label: str) -> str | None:
         return label if progress else None
 
-    verbmem = eval_verbmem(engine, corpus.verbmem_forget, desc=desc("verbmem_f"))
     attacks = available_attacks(with_stats=engine.supports_stats, with_ref=ref_engine is not None)
-    forget = score_documents(
-        engine, corpus.privleak_forget, attacks, ref_engine=ref_engine, desc=desc("privleak forget")
-    )
-    holdout = score_documents(
-        engine,
-        corpus.privleak_holdout,
-        attacks,
-        ref_engine=ref_engine,
-        desc=desc("privleak holdout"),
-    )
+    # Scoring starts first: engines that can score in the background (hf on CPU) do so
+    # while this thread generates.
+    pending = [
+        submit_documents(engine, texts, attacks, ref_engine=ref_engine, desc=desc(label))
+        for texts, label in (
+            (corpus.privleak_forget, "privleak forget"),
+            (corpus.privleak_holdout, "privleak holdout"),
+        )
+    ]
+    try:
+        verbmem = eval_verbmem(engine, corpus.verbmem_forget, desc=desc("verbmem_f"))
+        knowmem_f = eval_knowmem(
+            engine, corpus.forget_qa, corpus.forget_qa_icl, desc=desc("knowmem_f")
+        )
+        knowmem_r = eval_knowmem(
+            engine, corpus.retain_qa, corpus.retain_qa_icl, desc=desc("knowmem_r")
+        )
+        forget, holdout = (p.result() for p in pending)
+    finally:
+        for p in pending:
+            p.cancel()
     aucs = split_aucs(forget, holdout, attacks)
-    knowmem_f = eval_knowmem(engine, corpus.forget_qa, corpus.forget_qa_icl, desc=desc("knowmem_f"))
-    knowmem_r = eval_knowmem(engine, corpus.retain_qa, corpus.retain_qa_icl, desc=desc("knowmem_r"))
 
     metrics = {
         "verbmem_f": verbmem.value,

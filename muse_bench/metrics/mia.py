@@ -25,7 +25,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from muse_bench.engines.base import Engine, TokenScores
+from muse_bench.engines.base import Engine, Pending, TokenScores, submit_token_logprobs
 from muse_bench.errors import ConfigError, DataError
 from muse_bench.registry import suggest
 
@@ -141,6 +141,53 @@ def score_documents(
     desc: str | None = None,
 ) -> list[dict[str, float]]:
     """Attack scores of every document; runs only the forward passes the attacks need."""
+    return submit_documents(engine, texts, attacks, ref_engine=ref_engine, desc=desc).result()
+
+
+class DocumentScoring:
+    """Attack scores of documents whose token scores may still be computing."""
+
+    def __init__(
+        self,
+        texts: Sequence[str],
+        attacks: Sequence[str],
+        scores: Pending[list[TokenScores]],
+        lower: Pending[list[TokenScores]] | None,
+        ref: Pending[list[TokenScores]] | None,
+    ) -> None:
+        self.texts, self.attacks = list(texts), list(attacks)
+        self._parts = (scores, lower, ref)
+
+    def result(self) -> list[dict[str, float]]:
+        """Wait for the token scores; one {attack: score} per document, in input order."""
+        scores, lower, ref = (None if p is None else p.result() for p in self._parts)
+        return [
+            document_scores(
+                text,
+                s,
+                self.attacks,
+                lower=lower[i] if lower is not None else None,
+                ref=ref[i] if ref is not None else None,
+            )
+            for i, (text, s) in enumerate(zip(self.texts, scores, strict=True))
+        ]
+
+    def cancel(self) -> None:
+        """Drop the scoring not yet started (after an error elsewhere)."""
+        for part in self._parts:
+            getattr(part, "cancel", lambda: None)()
+
+
+def submit_documents(
+    engine: Engine,
+    texts: Sequence[str],
+    attacks: Sequence[str],
+    *,
+    ref_engine: Engine | None = None,
+    desc: str | None = None,
+) -> DocumentScoring:
+    """Start the forward passes `attacks` need (in the background where the engine can,
+    see `engines.base.submit_token_logprobs`); `.result()` gives `score_documents`'s list."""
     for attack in attacks:
         check_attack(attack, with_stats=engine.supports_stats, with_ref=ref_engine is not None)
     with_stats = any(a in MIN_K_PLUS_PLUS_ATTACKS for a in attacks)
@@ -148,22 +195,13 @@ def score_documents(
     def label(part: str) -> str | None:
         return None if desc is None else f"{desc} ({part})"
 
-    scores = engine.token_logprobs(texts, with_stats=with_stats, desc=label("text"))
+    scores = submit_token_logprobs(engine, texts, with_stats, desc=label("text"))
     lower = ref = None
     if "lowercase" in attacks:
-        lower = engine.token_logprobs([t.lower() for t in texts], desc=label("lowercased"))
+        lower = submit_token_logprobs(engine, [t.lower() for t in texts], desc=label("lowercased"))
     if REF_ATTACK in attacks and ref_engine is not None:
-        ref = ref_engine.token_logprobs(texts, desc=label("reference"))
-    return [
-        document_scores(
-            text,
-            s,
-            attacks,
-            lower=lower[i] if lower is not None else None,
-            ref=ref[i] if ref is not None else None,
-        )
-        for i, (text, s) in enumerate(zip(texts, scores, strict=True))
-    ]
+        ref = submit_token_logprobs(ref_engine, texts, desc=label("reference"))
+    return DocumentScoring(texts, attacks, scores, lower, ref)
 
 
 def _checked(values: Sequence[float], split: str) -> np.ndarray:
