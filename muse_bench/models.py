@@ -28,9 +28,13 @@ def resolve_device(device: str | None) -> torch.device:
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"--device {device} was requested but no CUDA GPU is available; use --device cpu.")
+        raise ConfigError(
+            f"--device {device} was requested but no CUDA GPU is available; use --device cpu."
+        )
     if device.startswith("mps") and not torch.backends.mps.is_available():
-        raise ConfigError(f"--device {device} was requested but MPS is not available; use --device cpu.")
+        raise ConfigError(
+            f"--device {device} was requested but MPS is not available; use --device cpu."
+        )
     try:
         return torch.device(device)
     except RuntimeError:
@@ -97,7 +101,9 @@ def load_tokenizer(path: str | os.PathLike[str], trust_remote_code: bool = False
             raise remote from exc
         raise ModelError(f"no usable tokenizer at '{path}': {str(exc).splitlines()[0]}") from exc
     if tok.bos_token_id is None:
-        raise ModelError(f"the tokenizer at '{path}' has no BOS token; MUSE prompts start with BOS.")
+        raise ModelError(
+            f"the tokenizer at '{path}' has no BOS token; MUSE prompts start with BOS."
+        )
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return tok
@@ -132,7 +138,9 @@ def load_model(
     return model.to(dev).eval()
 
 
-def load_model_and_tokenizer(path, device="cpu", dtype=None, allow_pickle=False, trust_remote_code=False):
+def load_model_and_tokenizer(
+    path, device="cpu", dtype=None, allow_pickle=False, trust_remote_code=False
+):
     """Load the model and the tokenizer saved beside it."""
     model = load_model(path, device, dtype, allow_pickle, trust_remote_code)
     return model, load_tokenizer(path, trust_remote_code)

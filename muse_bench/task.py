@@ -55,10 +55,14 @@ def local_model_dir(spec: str) -> Path:
             from huggingface_hub import snapshot_download
 
             return Path(
-                snapshot_download(spec, allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.model"])
+                snapshot_download(
+                    spec, allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.model"]
+                )
             )
         except Exception as exc:  # offline, unknown repo, gated...
-            raise ModelError(f"cannot fetch model '{spec}' from the hub: {str(exc).splitlines()[0]}") from None
+            raise ModelError(
+                f"cannot fetch model '{spec}' from the hub: {str(exc).splitlines()[0]}"
+            ) from None
     if "embedded" in str(path) or path.parent.name == "models":
         raise ModelError(
             f"reference model '{spec}' is missing; run `muse prepare --corpus <name> --rebuild` to build it."
