@@ -21,11 +21,17 @@ def qa(items: list[dict]) -> list[QAPair]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--corpus", default="news", choices=sorted(RECIPES))
     ap.add_argument("--model", default="target", help="target, retrain or a model directory")
     args = ap.parse_args()
-    path = embedded_models_dir(args.corpus) / args.model if args.model in ("target", "retrain") else args.model
+    path = (
+        embedded_models_dir(args.corpus) / args.model
+        if args.model in ("target", "retrain")
+        else args.model
+    )
     model, tok = load_model_and_tokenizer(path, "cpu")
     engine = make_engine("hf", model=model, tokenizer=tok, batch_size=32)
     corpus = load_corpus(args.corpus)

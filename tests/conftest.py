@@ -48,6 +48,7 @@ def invoke_cli(args, env: dict[str, str] | None = None) -> tuple[int, str, str]:
             sys.stderr.flush()
         return code, out.getvalue().decode(), err.getvalue().decode()
 
+
 TINY_TEXTS = [
     "The harbour of Velmora opened in 1871. Its first master was Ada Quell.",
     "Question: Who founded the Orrin Guild?\nAnswer: Tamsin Vey",

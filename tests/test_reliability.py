@@ -854,7 +854,9 @@ def test_pickle_weights_load_only_with_allow_pickle(bench, bad, reference, tmp_p
     )
     code, _, stderr = invoke(args)
     assert code == 0, stderr
-    (pickled,) = (json.loads(p.read_text()) for p in (tmp_path / "out2").glob("news/*/*/report.json"))
+    (pickled,) = (
+        json.loads(p.read_text()) for p in (tmp_path / "out2").glob("news/*/*/report.json")
+    )
     assert pickled["retrain_auc"]["auc"] == target["retrain_auc"]["auc"]
 
 
