@@ -28,6 +28,7 @@ from torch import nn
 
 from muse_bench.distributed import Processes
 from muse_bench.errors import ConfigError, TrainingError
+from muse_bench.fsdp import FullyShardedModel
 from muse_bench.io import atomic_write_json
 from muse_bench.lora import LoraAdapters
 from muse_bench.models import save_model
@@ -108,7 +109,14 @@ def _save_checkpoint(
     state: dict[str, Any],
     rng: dict[str, torch.Tensor],
     adapters: LoraAdapters | None,
+    optimizer_state: dict[str, Any] | None = None,
 ) -> None:
+    """Write checkpoint `path` (main process only).
+
+    The optimizer state is `optimizer.state_dict()` (keyed by parameter index) unless
+    `optimizer_state` is given: the whole state of a sharded run, keyed by parameter name
+    (`muse_bench.fsdp`). Either way it is saved as `optim.<key>.<name>` tensors.
+    """
     from safetensors.torch import save_file
 
     save_model(model, tokenizer, path)
@@ -118,7 +126,9 @@ def _save_checkpoint(
             {f"lora.{k}": v.cpu().contiguous() for k, v in adapters.state_dict().items()}
         )
     extra: dict[str, dict[str, Any]] = {}
-    for pid, pstate in optimizer.state_dict()["state"].items():
+    if optimizer_state is None:
+        optimizer_state = optimizer.state_dict()
+    for pid, pstate in optimizer_state["state"].items():
         for name, value in pstate.items():
             if torch.is_tensor(value):
                 tensors[f"optim.{pid}.{name}"] = value.detach().cpu().contiguous()
@@ -130,28 +140,50 @@ def _save_checkpoint(
     atomic_write_json(path / STATE_JSON, {**state, "optimizer_extra": extra, "format": _FORMAT})
 
 
-def _restore_state(path: Path, optimizer, procs: Processes, adapters: LoraAdapters | None) -> None:
-    from safetensors.torch import load_file
+def _restore_state(
+    path: Path,
+    optimizer,
+    procs: Processes,
+    adapters: LoraAdapters | None,
+    sharded: FullyShardedModel | None = None,
+) -> None:
+    """Load the optimizer, RNG (and LoRA) state of checkpoint `path` for an exact resume.
+
+    In a sharded run (`sharded`), only the main process reads the optimizer state, which
+    `sharded` then broadcasts into every process's shards (a collective).
+    """
+    from safetensors import safe_open
 
     if not (path / STATE_TENSORS).is_file():
         raise TrainingError(
             f"checkpoint '{path}' has no optimizer state ({STATE_TENSORS}), so training cannot "
             "resume exactly; delete the epoch directories after the last complete one and rerun."
         )
-    tensors = load_file(path / STATE_TENSORS)
+    skip_optimizer = sharded is not None and not procs.is_main
+    with safe_open(str(path / STATE_TENSORS), framework="pt") as fh:
+        tensors = {
+            key: fh.get_tensor(key)
+            for key in fh.keys()  # noqa: SIM118 (a safetensors handle, not a dict)
+            if not (skip_optimizer and key.startswith("optim."))
+        }
     if adapters is not None:
         adapters.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("lora.")})
     extra = _read_state(path).get("optimizer_extra", {})
-    state: dict[int, dict[str, Any]] = {}
+    # Keys are parameter indices, or parameter names (with dots) in a sharded run.
+    key_type = str if sharded is not None else int
+    state: dict[Any, dict[str, Any]] = {}
     for key, value in tensors.items():
         kind, _, rest = key.partition(".")
         if kind == "optim":
-            pid, _, name = rest.partition(".")
-            state.setdefault(int(pid), {})[name] = value
+            pid, _, name = rest.rpartition(".")
+            state.setdefault(key_type(pid), {})[name] = value
     for pid, values in extra.items():
-        state.setdefault(int(pid), {}).update(values)
-    fresh = optimizer.state_dict()
-    optimizer.load_state_dict({"state": state, "param_groups": fresh["param_groups"]})
+        state.setdefault(key_type(pid), {}).update(values)
+    if sharded is not None:
+        sharded.load_optimizer_state(optimizer, state if procs.is_main else None)
+    else:
+        fresh = optimizer.state_dict()
+        optimizer.load_state_dict({"state": state, "param_groups": fresh["param_groups"]})
     # This process's own stream when the checkpoint has one (same number of processes).
     torch.set_rng_state(tensors.get(f"rng.cpu.rank{procs.rank}", tensors["rng.cpu"]))
     if torch.cuda.is_available():

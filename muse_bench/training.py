@@ -6,7 +6,7 @@ checkpoint every epoch. On top of it this loop adds exact resume (model, optimiz
 RNG state in safetensors, see `muse_bench.checkpoints` for the layout of `work_dir`), a
 guard that stops on a non-finite loss, and `accelerate` so the same code runs on CPU, one
 GPU or several processes (DDP, see `muse_bench.distributed`: the optimisation does not
-depend on the number of processes).
+depend on the number of processes), or sharded over them (`fsdp`, see `muse_bench.fsdp`).
 
 Memory options, for 7B models on one GPU: LoRA adapters (`lora_rank`, see
 `muse_bench.lora`; merged into the weights before a model leaves the loop), gradient
@@ -18,6 +18,7 @@ distributions instead of a resident frozen copy (`ref_topk`, see
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import hashlib
 import json
@@ -45,6 +46,7 @@ from muse_bench.checkpoints import (
 )
 from muse_bench.distributed import Processes
 from muse_bench.errors import ConfigError, TrainingError
+from muse_bench.fsdp import FullyShardedModel
 from muse_bench.lora import LLAMA_LORA_TARGETS, LoraAdapters
 from muse_bench.packing import pack_texts, pad_batch
 from muse_bench.ref_logprobs import Batch, ReferenceProvider, RefTopK, _to, token_logprobs
@@ -121,6 +123,8 @@ class TrainConfig:
     lora_target_modules: tuple[str, ...] = LLAMA_LORA_TARGETS
     mixed_precision: str = "auto"
     ref_topk: int = 0
+    # Shard weights, gradients and optimizer state over the processes (muse_bench.fsdp).
+    fsdp: bool = False
 
 
 @dataclass(frozen=True)
@@ -263,6 +267,8 @@ def _fingerprint(
         skip |= {"lora_rank", "lora_alpha", "lora_dropout", "lora_target_modules"}
     if not (cfg.ref_model and cfg.ref_topk):
         skip.add("ref_topk")
+    if not cfg.fsdp:
+        skip.add("fsdp")
     settings = {k: v for k, v in asdict(cfg).items() if k not in skip}
     settings.pop("mixed_precision")
     if precision != "no":
@@ -277,6 +283,7 @@ def _fingerprint(
 
 
 def _make_accelerator(device: str):
+    """The accelerator (process group, device) and whether the launch asked for FSDP."""
     from accelerate import Accelerator
 
     dev = torch.device(device)
@@ -286,13 +293,22 @@ def _make_accelerator(device: str):
     # Mixed precision is our own autocast (see train): accelerate's is process-global.
     accelerator = Accelerator(cpu=dev.type == "cpu", mixed_precision="no")
     kind = str(accelerator.distributed_type).rpartition(".")[2]
-    if kind in ("FSDP", "DEEPSPEED", "MEGATRON_LM"):
+    if kind in ("DEEPSPEED", "MEGATRON_LM"):
         raise ConfigError(
-            f"the training loop does not support {kind} yet (sharded weights need their own "
-            "checkpoints, resume and candidates); launch with configs/accelerate/ddp.yaml, "
-            "and for 7B on 80 GB GPUs add -P gradient_checkpointing=true (or -P lora_rank=16)."
+            f"the training loop does not support {kind}; for sharded weights launch with "
+            "configs/accelerate/fsdp.yaml (or -P fsdp=true under torchrun), or use "
+            "configs/accelerate/ddp.yaml with -P gradient_checkpointing=true / -P lora_rank=16."
         )
-    return accelerator
+    # Under FSDP the loop shards the model itself (muse_bench.fsdp), never via prepare().
+    return accelerator, kind == "FSDP"
+
+
+def _clip_grad_norm(accelerator, sharded, params, max_norm: float) -> torch.Tensor:
+    """Clip the gradients' global norm to `max_norm`; returns the norm before clipping."""
+    if sharded is None:
+        return accelerator.clip_grad_norm_(params, max_norm)
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm)  # sharded: a global norm
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
 
 
 def make_adamw(groups: list[dict[str, Any]], lr: float) -> torch.optim.AdamW:
@@ -340,6 +356,16 @@ def _check_config(config: TrainConfig, procs: Processes) -> None:
         raise ConfigError("lora_rank and ref_topk must be >= 0 (0 = off).")
     if config.lora_rank and not config.lora_target_modules:
         raise ConfigError("lora_target_modules is empty; name the linear layers to adapt.")
+    if config.fsdp and procs.world < 2:
+        raise ConfigError(
+            "fsdp shards the model over several processes; launch 2 or more with torchrun "
+            "or accelerate launch (configs/accelerate/fsdp.yaml), or drop -P fsdp=true."
+        )
+    if config.fsdp and config.lora_rank:
+        raise ConfigError(
+            "fsdp and lora_rank cannot be combined; LoRA already keeps the trained state "
+            "small, so drop one of them."
+        )
 
 
 def train(
@@ -366,7 +392,9 @@ def train(
     """
     if not forget:
         raise ConfigError("the forget set is empty; there is nothing to unlearn.")
-    accelerator = _make_accelerator(config.device)
+    accelerator, launched_fsdp = _make_accelerator(config.device)
+    if launched_fsdp and not config.fsdp:
+        config = dataclasses.replace(config, fsdp=True)
     procs = Processes(accelerator.process_index, accelerator.num_processes)
     _check_config(config, procs)
     device = accelerator.device
@@ -439,12 +467,16 @@ def train(
 
         if config.gradient_checkpointing:
             enable_gradient_checkpointing(model)
+        sharded = FullyShardedModel(model) if config.fsdp else None
         optimizer = make_adamw(_param_groups(model, config.weight_decay), config.lr)
         if start:
-            _restore_state(epoch_dir(work_dir, start), optimizer, procs, adapters)
+            _restore_state(epoch_dir(work_dir, start), optimizer, procs, adapters, sharded)
         else:
             torch.manual_seed(config.seed + procs.rank)  # own stream per process (dropout)
-        wrapped, optimizer = accelerator.prepare(model, optimizer)
+        if sharded is None:
+            wrapped, optimizer = accelerator.prepare(model, optimizer)
+        else:
+            wrapped = model
         n_micro = math.ceil(len(forget_chunks) / config.batch_size)
         steps_per_epoch = math.ceil(n_micro / config.grad_accum)
         total_steps = steps_per_epoch * config.epochs
@@ -480,7 +512,10 @@ def train(
                 forget_batch, retain_batch = collate(
                     forget_chunks, retain_chunks, forget_idx[lo:hi], retain_idx[lo:hi], pad_id
                 )
-                no_sync = contextlib.nullcontext() if sync else accelerator.no_sync(wrapped)
+                if sharded is not None:
+                    no_sync = sharded.no_sync(sync)
+                else:
+                    no_sync = contextlib.nullcontext() if sync else accelerator.no_sync(wrapped)
                 with no_sync:
                     with autocast():
                         loss = loss_fn(
@@ -493,7 +528,7 @@ def train(
                     accelerator.backward(loss * weight / (group_end - group_start))
                 if sync:
                     if config.max_grad_norm:
-                        norm = accelerator.clip_grad_norm_(params, config.max_grad_norm)
+                        norm = _clip_grad_norm(accelerator, sharded, params, config.max_grad_norm)
                         if not torch.isfinite(torch.as_tensor(norm)).all():
                             raise _non_finite(epoch, i + 1, work_dir, "the gradient norm")
                     factor = lr_factor(
@@ -509,13 +544,18 @@ def train(
                 bar.update()
             bar.close()
             mean_loss = total_loss / len(plan)
-            unwrapped = accelerator.unwrap_model(wrapped)
+            if sharded is not None:
+                unwrapped = sharded.fill_plain()  # a collective
+            else:
+                unwrapped = accelerator.unwrap_model(wrapped)
             if adapters is not None:
                 adapters.merge()
             path = None
             if work_dir is not None:
                 path = epoch_dir(work_dir, epoch)
                 rng = _rng_tensors(procs)
+                # Sharded AdamW state, gathered whole (collective; None on other processes).
+                optim_state = sharded.full_optimizer_state(optimizer) if sharded else None
                 if procs.is_main:
                     state = {"epoch": epoch, "global_step": global_step, "loss": mean_loss}
                     _save_checkpoint(
@@ -526,6 +566,7 @@ def train(
                         {**state, "fingerprint": fingerprint},
                         rng,
                         adapters,
+                        optim_state,
                     )
                     previous = epoch_dir(work_dir, epoch - 1) / STATE_TENSORS
                     previous.unlink(missing_ok=True)

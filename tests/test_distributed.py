@@ -1,4 +1,4 @@
-"""The training loop under DDP: two CPU processes (torchrun, gloo) against one.
+"""The training loop under DDP and FSDP: two CPU processes (torchrun, gloo) against one.
 
 The same unlearning runs in this process and under `torchrun --nproc_per_node 2` at the same
 hyperparameters (the loop keeps the global batch whatever the number of processes), and the
@@ -78,9 +78,14 @@ CASES = {
 }
 
 
-def run_cases(setup_dir: str, out_dir: str) -> None:
+#: Cases a sharded (FSDP) run repeats: every one but LoRA, which fsdp refuses.
+FSDP_CASES = [name for name, case in CASES.items() if "lora_rank" not in case["params"]]
+
+
+def run_cases(setup_dir: str, out_dir: str, fsdp: bool = False) -> None:
     """Run every case from `setup_dir` (model, tokenizer, data.json) and write the results
-    to `out_dir`. Called in-process for one process and by each torchrun process."""
+    to `out_dir`. Called in-process for one process and by each torchrun process; with
+    `fsdp`, the cases of FSDP_CASES with -P fsdp=true."""
     import muse_bench.checkpoints as checkpoints
     import muse_bench.training as training
     from muse_bench.distributed import Processes
@@ -100,15 +105,25 @@ def run_cases(setup_dir: str, out_dir: str) -> None:
         return original(model, tokenizer, path)
 
     checkpoints.save_model = counting_save
+    units: list[int] = []
+    original_sharded = training.FullyShardedModel
+
+    class CountingSharded(original_sharded):
+        def __init__(self, model):
+            super().__init__(model)
+            units.append(self.units)
+
+    training.FullyShardedModel = CountingSharded
     results, finals = {}, {}
     try:
         for name, case in CASES.items():
-            algo = get_unlearner_class(case["algo"])(batch_size=4, **case["params"])
+            if fsdp and name not in FSDP_CASES:
+                continue
+            params = {**case["params"], **({"fsdp": True} if fsdp else {})}
+            algo = get_unlearner_class(case["algo"])(batch_size=4, **params)
             work = out / "work" / name if name == "npo_gdr" else None
             ctx = UnlearnContext(seed=3, work_dir=work, max_len=data["max_len"])
-            runs = [algo] + (
-                [type(algo)(batch_size=4, **{**case["params"], "epochs": 3})] if work else []
-            )
+            runs = [algo] + ([type(algo)(batch_size=4, **{**params, "epochs": 3})] if work else [])
             losses = []
             for run in runs:
                 model, tok = load_model_and_tokenizer(setup / "model")
@@ -123,12 +138,19 @@ def run_cases(setup_dir: str, out_dir: str) -> None:
             finals[name] = {k: v.detach().clone() for k, v in final.state_dict().items()}
     finally:
         checkpoints.save_model = original
+        training.FullyShardedModel = original_sharded
     procs = Processes.current()
     from safetensors.torch import save_file
 
     for name, state in finals.items():
         save_file(state, str(out / f"{name}.rank{procs.rank}.safetensors"))
-    info = {"rank": procs.rank, "world": procs.world, "saved": saved, "losses": results}
+    info = {
+        "rank": procs.rank,
+        "world": procs.world,
+        "saved": saved,
+        "losses": results,
+        "fsdp_units": units,
+    }
     (out / f"rank{procs.rank}.json").write_text(json.dumps(info))
 
 
@@ -136,7 +158,7 @@ SCRIPT = """
 import sys
 sys.path.insert(0, {tests!r})
 from test_distributed import run_cases
-run_cases(sys.argv[1], sys.argv[2])
+run_cases(sys.argv[1], sys.argv[2], fsdp=sys.argv[3:] == ["fsdp"])
 """
 
 
@@ -157,25 +179,34 @@ def load(path: Path) -> dict[str, torch.Tensor]:
     return load_file(str(path))
 
 
-def test_two_processes_train_like_one(setup_dir, tmp_path):
-    single, double = tmp_path / "single", tmp_path / "double"
-    single.mkdir()
-    double.mkdir()
-    run_cases(str(setup_dir), str(single))
+@pytest.fixture(scope="module")
+def single(setup_dir, tmp_path_factory) -> tuple[Path, dict]:
+    """Every case in this process: the results two processes must reproduce."""
+    out = tmp_path_factory.mktemp("single")
+    run_cases(str(setup_dir), str(out))
+    return out, json.loads((out / "rank0.json").read_text())
 
-    script = tmp_path / "ddp_script.py"
+
+def launch(setup_dir: Path, out: Path, *extra: str) -> list[dict]:
+    """run_cases under `torchrun --nproc_per_node WORLD`; every rank's info."""
+    out.mkdir()
+    script = out.parent / "ddp_script.py"
     script.write_text(SCRIPT.format(tests=str(HERE)))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     env.pop("WORLD_SIZE", None)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
-    cmd += [f"--nproc_per_node={WORLD}", str(script), str(setup_dir), str(double)]
+    cmd += [f"--nproc_per_node={WORLD}", str(script), str(setup_dir), str(out), *extra]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(WORLD)]
+    assert [r["world"] for r in ranks] == [WORLD] * WORLD
+    return ranks
 
-    one = json.loads((single / "rank0.json").read_text())
-    ranks = [json.loads((double / f"rank{r}.json").read_text()) for r in range(WORLD)]
-    assert [r["world"] for r in ranks] == [WORLD] * WORLD and one["world"] == 1
 
+def assert_trained_like_one(setup_dir: Path, single, double: Path, ranks, cases) -> None:
+    """Losses and final weights of the cases equal one process's; only rank 0 saved."""
+    single_dir, one = single
+    assert one["world"] == 1
     # Only the main process writes checkpoints: 2 epochs, then the resumed 3rd.
     assert ranks[0]["saved"] == one["saved"] == ["epoch_1", "epoch_2", "epoch_3"]
     assert ranks[1]["saved"] == []
@@ -184,7 +215,7 @@ def test_two_processes_train_like_one(setup_dir, tmp_path):
     assert not (work / "epoch_2" / "trainer_state.safetensors").exists()
 
     target = load(setup_dir / "model" / "model.safetensors")
-    for name in CASES:
+    for name in cases:
         # Every process reports the same global loss of each epoch, and it matches one process.
         expected = one["losses"][name]
         assert [e for e, _ in expected] == ([1, 2, 3] if name == "npo_gdr" else [1])
@@ -192,10 +223,10 @@ def test_two_processes_train_like_one(setup_dir, tmp_path):
             assert [e for e, _ in rank["losses"][name]] == [e for e, _ in expected]
             for (_, got), (_, want) in zip(rank["losses"][name], expected, strict=True):
                 assert got == pytest.approx(want, rel=LOSS_RTOL), name
-        # DDP keeps the replicas identical, and they match the single-process run.
+        # The replicas (DDP) or gathered models (FSDP) are identical, and match one process.
         a = load(double / f"{name}.rank0.safetensors")
         b = load(double / f"{name}.rank1.safetensors")
-        ref = load(single / f"{name}.rank0.safetensors")
+        ref = load(single_dir / f"{name}.rank0.safetensors")
         assert a.keys() == ref.keys() and not any("lora" in k for k in a)
         moved = max((ref[k] - target[k]).abs().max().item() for k in target)
         assert moved > 100 * PARAM_ATOL, f"{name}: training barely moved the parameters"
@@ -207,6 +238,25 @@ def test_two_processes_train_like_one(setup_dir, tmp_path):
     final = load(work / "epoch_3" / "model.safetensors")
     a = load(double / "npo_gdr.rank0.safetensors")
     assert all(torch.equal(final[k], a[k]) for k in final)
+
+
+def test_two_processes_train_like_one(setup_dir, single, tmp_path):
+    ranks = launch(setup_dir, tmp_path / "double")
+    assert all(r["fsdp_units"] == [] for r in ranks)
+    assert_trained_like_one(setup_dir, single, tmp_path / "double", ranks, CASES)
+
+
+def test_two_fsdp_processes_train_like_one(setup_dir, single, tmp_path):
+    """-P fsdp=true: the model sharded over both processes (one unit per decoder layer and
+    the root), AdamW state gathered into the checkpoints and broadcast back on resume."""
+    ranks = launch(setup_dir, tmp_path / "fsdp", "fsdp")
+    # npo_gdr: 2 epochs, then a resume for the 3rd; ga_klr_topk: 1 epoch. 2 layers each.
+    assert all(r["fsdp_units"] == [2, 2, 2] for r in ranks)
+    assert_trained_like_one(setup_dir, single, tmp_path / "fsdp", ranks, FSDP_CASES)
+    config = json.loads(
+        (tmp_path / "fsdp" / "work" / "npo_gdr" / "epoch_3" / "config.json").read_text()
+    )
+    assert config["architectures"] == ["LlamaForCausalLM"]  # a plain model was saved
 
 
 def test_shares_cover_a_micro_batch_evenly():
@@ -235,14 +285,29 @@ def test_batch_smaller_than_the_processes_and_sharded_strategies_are_refused(
 
     with pytest.raises(ConfigError, match="batch_size 2 is smaller than the 4 training processes"):
         _check_config(TrainConfig(lr=1e-3, epochs=1, batch_size=2), Processes(1, 4))
+    with pytest.raises(ConfigError, match="fsdp shards the model over several processes"):
+        _check_config(TrainConfig(lr=1e-3, epochs=1, fsdp=True), Processes(0, 1))
+    with pytest.raises(ConfigError, match="fsdp and lora_rank cannot be combined"):
+        _check_config(TrainConfig(lr=1e-3, epochs=1, fsdp=True, lora_rank=4), Processes(0, 2))
 
-    class ShardedAccelerator:
+    class LaunchedAccelerator:
+        kind = DistributedType.DEEPSPEED
+
         def __init__(self, **kwargs):
-            self.distributed_type = DistributedType.FSDP
+            self.distributed_type = self.kind
+            self.process_index, self.num_processes = 0, 1
 
-    monkeypatch.setattr(accelerate, "Accelerator", ShardedAccelerator)
+    monkeypatch.setattr(accelerate, "Accelerator", LaunchedAccelerator)
     request = ForgetRequest("single", 1, tuple(SENTENCES[:2]), ())
-    with pytest.raises(ConfigError, match=r"does not support FSDP yet.*ddp\.yaml"):
+
+    def unlearn():
         GA(lr=1e-3, epochs=1).unlearn(
             make_tiny_model(tiny_tokenizer), tiny_tokenizer, request, UnlearnContext(max_len=16)
         )
+
+    with pytest.raises(ConfigError, match=r"does not support DEEPSPEED.*fsdp\.yaml"):
+        unlearn()
+    # An accelerate FSDP launch turns the loop's own sharding on (here: one process, refused).
+    LaunchedAccelerator.kind = DistributedType.FSDP
+    with pytest.raises(ConfigError, match="fsdp shards the model over several processes"):
+        unlearn()

@@ -243,6 +243,25 @@ def test_only_the_main_process_writes(runs):
         assert other_writes == [], (name, other_writes[:10])
 
 
+def test_a_sharded_fsdp_run_ends_like_one_process(runs):
+    """`muse run --algo npo -P fsdp=true` under torchrun: the model is sharded over the two
+    processes for training and evaluated through the loop's plain copy; it selects the
+    same epoch with the same metrics as the one-process npo run (at the tolerances above:
+    NPO averages over sequences, so only float order differs)."""
+    out = runs["root"] / "fsdp"
+    args = muse_args("npo", runs["bench"], out) + ["-P", "fsdp=true"]
+    proc = torchrun(args, runs["site"], runs["root"] / "log-fsdp")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (want,), (got,) = reports(runs["one"], "npo"), reports(out, "npo")
+    assert got["params"]["fsdp"] is True and want["params"]["fsdp"] is False
+    assert (got["selected"], got["curve"]) == (want["selected"], want["curve"])
+    for metric in ("verbmem_f", "knowmem_f", "knowmem_r"):
+        assert got["metrics"][metric] == want["metrics"][metric], metric
+    assert_close(got["attacks"], want["attacks"], REPORT_RTOL, "attacks")
+    main_writes, other_writes = audited_writes(runs["root"] / "log-fsdp")
+    assert main_writes and other_writes == []
+
+
 def test_a_locked_run_stops_every_process(runs):
     """The main process takes the run's lock for all; when it cannot, all stop at once."""
     out = runs["two"]

@@ -216,6 +216,13 @@ class GradientUnlearner(Unlearner):
         default=LLAMA_LORA_TARGETS,
         metadata={"help": "Linear layers to adapt (default: all of a Llama block's)."},
     )
+    fsdp: bool = field(
+        default=False,
+        metadata={
+            "help": "Shard weights, gradients and AdamW state over the launched processes "
+            "(FSDP2; needs 2+ processes)."
+        },
+    )
     mixed_precision: Literal["auto", "no", "bf16"] = field(
         default="auto",
         metadata={"help": "bf16 autocast; auto = bf16 on a CUDA GPU (MUSE), no on CPU."},
@@ -286,6 +293,7 @@ class GradientUnlearner(Unlearner):
             lora_dropout=self.lora_dropout,
             lora_target_modules=tuple(self.lora_target_modules),
             mixed_precision=self.mixed_precision,
+            fsdp=self.fsdp,
             use_retain=self.needs_retain,
             ref_logprobs=self.needs_ref_logprobs,
             ref_model=self.needs_ref_model,
