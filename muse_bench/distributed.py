@@ -3,10 +3,13 @@
 The training loop keeps the optimisation independent of the number of processes: a
 micro-batch of `batch_size` chunks is the same set of chunks whatever the world size, and
 each process takes a contiguous share of it (`Processes.share`). Each process weights its
-loss by its share, so DDP's gradient average equals the gradient of the whole micro-batch
-(exactly for losses that average over sequences, such as NPO; for losses that average over
-tokens it weights per-process token means by chunk count, which is the same when the chunks
-have equal length, as MUSE's packing makes all but the last).
+loss by its share, so DDP's gradient average equals the gradient of the whole micro-batch:
+for losses that average over sequences (NPO) directly, and for token means (GA, GDR, KL)
+because the loop also tells each share the micro-batch's token count (`token_norm`, an
+all-reduce per micro-batch), which the loss helpers divide by instead of the share's own
+count (`unlearners.losses.token_count`). A plugin loss that takes its own `.mean()` over
+tokens gets the share-weighted mean: exact when the chunks have equal length, as MUSE's
+packing makes all but the last.
 
 `muse run` and `muse eval` keep every process in step outside training too: the processes
 join one process group before any work (`start_processes`), split each evaluation between

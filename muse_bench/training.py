@@ -303,6 +303,24 @@ def _make_accelerator(device: str):
     return accelerator, kind == "FSDP"
 
 
+def _set_token_norms(
+    procs: Processes, share: float, device: torch.device, *batches: Batch | None
+) -> None:
+    """Give each batch of this process's share of a micro-batch its `token_norm`: the
+    real tokens of the whole micro-batch (a sum over processes) times `share`.
+
+    Token means divide by it (`unlearners.losses.token_count`), so with the loop's weight
+    of `world * share` the processes' gradients average to the micro-batch's token mean,
+    whatever the number of tokens in each share. A process running a stand-in chunk at
+    weight 0 (`share` 0) adds no tokens and divides by the whole count.
+    """
+    present = [b for b in batches if b is not None]
+    counts = torch.stack([(b["labels"][:, 1:] != -100).sum() for b in present])
+    totals = procs.sum(counts.to(device, torch.float64) * (share > 0))  # on the device: NCCL
+    for batch, total in zip(present, totals, strict=True):
+        batch["token_norm"] = (total.clamp(min=1) * (share or 1.0)).float()
+
+
 def _clip_grad_norm(accelerator, sharded, params, max_norm: float) -> torch.Tensor:
     """Clip the gradients' global norm to `max_norm`; returns the norm before clipping."""
     if sharded is None:
@@ -506,12 +524,15 @@ def train(
                 # This process's share of the micro-batch, weighted so that DDP's gradient
                 # average is the whole micro-batch's gradient.
                 lo, hi = procs.share(len(forget_idx))
-                weight = procs.world * (hi - lo) / len(forget_idx)
+                share = (hi - lo) / len(forget_idx)
+                weight = procs.world * share
                 if lo == hi:  # a short last micro-batch: run a chunk at weight 0 to keep in step
                     lo, hi = 0, 1
                 forget_batch, retain_batch = collate(
                     forget_chunks, retain_chunks, forget_idx[lo:hi], retain_idx[lo:hi], pad_id
                 )
+                if procs.world > 1:
+                    _set_token_norms(procs, share, device, forget_batch, retain_batch)
                 if sharded is not None:
                     no_sync = sharded.no_sync(sync)
                 else:

@@ -311,3 +311,67 @@ def test_batch_smaller_than_the_processes_and_sharded_strategies_are_refused(
     LaunchedAccelerator.kind = DistributedType.FSDP
     with pytest.raises(ConfigError, match="fsdp shards the model over several processes"):
         unlearn()
+
+
+class SummingProcesses:
+    """Rank `rank` of a world whose other ranks' all-reduce contributions are given."""
+
+    def __init__(self, world: int, others: torch.Tensor):
+        self.world, self.others = world, others
+
+    def sum(self, tensor):
+        return tensor + self.others
+
+
+@pytest.mark.parametrize("algo", ["ga_gdr", "ga_klr"])
+def test_token_means_of_unequal_shares_add_up_to_the_micro_batch(tiny_tokenizer, algo):
+    """Two processes' shares with different numbers of tokens: with the token norms the
+    loop sets, world x share-weighted losses average to the one-process loss, gradients
+    included (exact, not only for equal-length chunks)."""
+    from muse_bench.packing import pad_batch
+    from muse_bench.ref_logprobs import ReferenceProvider
+    from muse_bench.training import _set_token_norms
+    from muse_bench.unlearners import get_unlearner_class
+
+    model = make_tiny_model(tiny_tokenizer, seed=2)
+    with torch.no_grad():  # spread the logits, so token losses differ between chunks
+        model.model.embed_tokens.weight.mul_(20)
+    texts = [TINY_TEXTS[0], TINY_TEXTS[1] * 3, "Kestrel", TINY_TEXTS[2] * 2]
+    chunks = [torch.tensor(tiny_tokenizer(t)["input_ids"]) for t in texts]
+    retain_chunks = [torch.tensor(tiny_tokenizer(t)["input_ids"]) for t in SENTENCES[-4:]]
+    assert len({len(c) for c in chunks}) == 4  # every chunk has its own length
+    pad = tiny_tokenizer.pad_token_id
+    forget, retain = pad_batch(chunks, pad), pad_batch(retain_chunks, pad)
+    unlearner = get_unlearner_class(algo)(lr=1e-3, epochs=1)
+    ref = ReferenceProvider.build(
+        model, [], pad, logprobs=False, keep_model=unlearner.needs_ref_model, batch_size=4
+    )
+
+    def grads(loss):
+        model.zero_grad()
+        loss.backward()
+        return [p.grad.clone() for p in model.parameters()]
+
+    whole = unlearner.loss(model, forget, retain, ref)
+    want = grads(whole)
+
+    shares = [(0, 1), (1, 4)]  # 1 and 3 of 4 chunks, so very different token counts
+    parts = []
+    for lo, hi in shares:
+        f, r = pad_batch(chunks[lo:hi], pad), pad_batch(retain_chunks[lo:hi], pad)
+        parts.append((hi - lo, f, r))
+    counts = [
+        torch.stack([(b["labels"][:, 1:] != -100).sum() for b in (f, r)]) for _, f, r in parts
+    ]
+    total = naive = 0.0
+    for i, (n, f, r) in enumerate(parts):
+        others = sum(c for j, c in enumerate(counts) if j != i).double()
+        share = n / len(chunks)
+        with torch.no_grad():  # each share's own token mean (the loop before token norms)
+            naive = naive + 2 * share * unlearner.loss(model, f, r, ref) / 2
+        _set_token_norms(SummingProcesses(2, others), share, torch.device("cpu"), f, r)
+        total = total + 2 * share * unlearner.loss(model, f, r, ref) / 2  # DDP: mean of 2
+    assert total.item() == pytest.approx(whole.item(), abs=1e-5)
+    assert abs(naive.item() - whole.item()) > 1e-2  # the shares' own means were off
+    for g, w in zip(grads(total), want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6)

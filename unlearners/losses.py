@@ -1,7 +1,10 @@
 """Loss pieces shared by the baselines (SPEC §4). Batches come from `pad_batch`.
 
 All token-level quantities use the shifted labels: position t predicts token t+1, and
-padding (label -100) is excluded.
+padding (label -100) is excluded. Token means divide by `token_count`: the batch's own
+real tokens, or in a micro-batch split over several processes the share the training loop
+sets in `batch["token_norm"]`, which makes the processes' means add up to the mean over the
+whole micro-batch.
 """
 
 from __future__ import annotations
@@ -20,15 +23,29 @@ __all__ = [
     "npo_loss",
     "reference_kl",
     "sequence_logprob",
+    "token_count",
     "token_logprobs",
     "token_nll",
 ]
 
 
+def token_count(batch: Batch, mask: torch.Tensor) -> torch.Tensor:
+    """What a mean over the real tokens of `batch` (`mask`) divides by.
+
+    Alone, the number of real tokens. When the loop splits a micro-batch over processes it
+    sets `batch["token_norm"]` = (real tokens of the whole micro-batch) x (this process's
+    share of its chunks); the loop weights each process's loss by that share, so the
+    gradient is the whole micro-batch's token mean even when the shares hold different
+    numbers of tokens.
+    """
+    norm = batch.get("token_norm")
+    return norm if norm is not None else mask.sum().clamp(min=1)
+
+
 def token_nll(model: nn.Module, batch: Batch) -> torch.Tensor:
     """Mean negative log-likelihood per real token of the batch (HF's causal-LM loss)."""
     logp, mask = token_logprobs(model, batch)
-    return -logp.sum() / mask.sum().clamp(min=1)
+    return -logp.sum() / token_count(batch, mask)
 
 
 def sequence_logprob(model: nn.Module, batch: Batch) -> torch.Tensor:
@@ -37,20 +54,32 @@ def sequence_logprob(model: nn.Module, batch: Batch) -> torch.Tensor:
 
 
 def kl_divergence(
-    ref_logits: torch.Tensor, logits: torch.Tensor, mask: torch.Tensor
+    ref_logits: torch.Tensor,
+    logits: torch.Tensor,
+    mask: torch.Tensor,
+    count: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """KL(p_ref ‖ p_θ) of the next-token distributions, averaged over positions in `mask`.
 
     `ref_logits` and `logits` are `[B, T, V]` at the positions to compare; `mask` is `[B, T]`.
+    `count` replaces the number of positions as the divisor (see `token_count`).
     """
     ref_logp = F.log_softmax(ref_logits.float(), dim=-1)
     logp = F.log_softmax(logits.float(), dim=-1)
     per_token = (ref_logp.exp() * (ref_logp - logp)).sum(-1)
-    mask = mask.to(per_token.dtype)
-    return (per_token * mask).sum() / mask.sum().clamp(min=1)
+    return _masked_mean(per_token, mask, count)
 
 
-def topk_kl_divergence(ref: RefTopK, logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def _masked_mean(
+    values: torch.Tensor, mask: torch.Tensor, count: torch.Tensor | None
+) -> torch.Tensor:
+    mask = mask.to(values.dtype)
+    return (values * mask).sum() / (count if count is not None else mask.sum().clamp(min=1))
+
+
+def topk_kl_divergence(
+    ref: RefTopK, logits: torch.Tensor, mask: torch.Tensor, count: torch.Tensor | None = None
+) -> torch.Tensor:
     """KL(p_ref ‖ p_θ) from the reference's top-k log-probabilities, averaged over `mask`.
 
     The reference's tokens outside its top k are lumped into one outcome on both sides
@@ -66,8 +95,7 @@ def topk_kl_divergence(ref: RefTopK, logits: torch.Tensor, mask: torch.Tensor) -
         ref_tail = ref.tail.float()
         term = ref_tail.exp() * (ref_tail - tail)
         per_token = per_token + torch.where(ref_tail > -math.inf, term, 0.0)
-    mask = mask.to(per_token.dtype)
-    return (per_token * mask).sum() / mask.sum().clamp(min=1)
+    return _masked_mean(per_token, mask, count)
 
 
 def reference_kl(model: nn.Module, batch: Batch, ref: ReferenceProvider) -> torch.Tensor:
@@ -77,10 +105,11 @@ def reference_kl(model: nn.Module, batch: Batch, ref: ReferenceProvider) -> torc
         input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
     ).logits[:, :-1]
     mask = batch["labels"][:, 1:] != -100
+    count = token_count(batch, mask)
     top = ref.topk(batch)
     if top is not None:
-        return topk_kl_divergence(top, logits, mask)
-    return kl_divergence(ref.logits(batch)[:, :-1], logits, mask)
+        return topk_kl_divergence(top, logits, mask, count)
+    return kl_divergence(ref.logits(batch)[:, :-1], logits, mask, count)
 
 
 def npo_loss(logp: torch.Tensor, ref_logp: torch.Tensor, beta: float) -> torch.Tensor:
