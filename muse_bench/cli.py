@@ -64,7 +64,10 @@ COMMON = [
         default=32,
         show_default=True,
         type=int,
-        help="Evaluation batch size (prompts decoded together; on CPU scoring batches are also capped at 3072 tokens).",
+        help=(
+            "Evaluation batch size (prompts decoded together; on CPU, scoring batches are "
+            "also capped in padded tokens: engines.hf.CPU_SCORE_TOKENS)."
+        ),
     ),
     click.option(
         "--bootstrap",
