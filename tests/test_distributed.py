@@ -68,8 +68,12 @@ def full_chunk_data(tokenizer, max_len: int = 16) -> tuple[list[str], list[str],
 CASES = {
     # NPO (sequence mean) + GDR with grad accumulation, checkpoints, then a resumed 3rd epoch.
     "npo_gdr": {"algo": "npo_gdr", "params": {"lr": 3e-3, "epochs": 2, "grad_accum": 2}},
-    # Two forwards per backward (GA + KL), the top-k reference cache built in shards.
-    "ga_klr_topk": {"algo": "ga_klr", "params": {"lr": 3e-3, "epochs": 1, "ref_topk": 16}},
+    # Two forwards per backward (GA + KL), the top-k reference cache built in shards,
+    # activations recomputed in the backward pass (with FSDP too).
+    "ga_klr_topk": {
+        "algo": "ga_klr",
+        "params": {"lr": 3e-3, "epochs": 1, "ref_topk": 16, "gradient_checkpointing": True},
+    },
     # LoRA adapters and gradient checkpointing under DDP, adapters merged when yielded.
     "ga_gdr_lora": {
         "algo": "ga_gdr",
