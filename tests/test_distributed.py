@@ -158,11 +158,43 @@ def run_cases(setup_dir: str, out_dir: str, fsdp: bool = False) -> None:
     (out / f"rank{procs.rank}.json").write_text(json.dumps(info))
 
 
+def train_sharded(setup_dir: str, out_dir: str, epochs: int) -> None:
+    """The npo_gdr case with -P fsdp=true for `epochs` epochs, resuming from the
+    checkpoints in `out_dir`/work; every rank saves its final weights."""
+    import muse_bench.training as training
+    from muse_bench.distributed import Processes
+    from muse_bench.models import load_model_and_tokenizer
+    from muse_bench.types import ForgetRequest
+    from muse_bench.unlearners import UnlearnContext, get_unlearner_class
+
+    torch.set_num_threads(1)
+    setup, out = Path(setup_dir), Path(out_dir)
+    data = json.loads((setup / "data.json").read_text())
+    request = ForgetRequest("single", 1, tuple(data["forget"]), tuple(data["retain"]))
+    case = CASES["npo_gdr"]
+    params = {**case["params"], "epochs": epochs, "fsdp": True}
+    algo = get_unlearner_class(case["algo"])(batch_size=4, **params)
+    ctx = UnlearnContext(seed=3, work_dir=out / "work", max_len=data["max_len"])
+    model, tok = load_model_and_tokenizer(setup / "model")
+    config = algo.train_config(model, request, ctx)
+    for result in training.train(
+        model, tok, algo.loss, request.forget, request.retain, config, replay=False
+    ):
+        final = result.model
+    from safetensors.torch import save_file
+
+    state = {k: v.detach().clone() for k, v in final.state_dict().items()}
+    save_file(state, str(out / f"final.rank{Processes.current().rank}.safetensors"))
+
+
 SCRIPT = """
 import sys
 sys.path.insert(0, {tests!r})
-from test_distributed import run_cases
-run_cases(sys.argv[1], sys.argv[2], fsdp=sys.argv[3:] == ["fsdp"])
+from test_distributed import run_cases, train_sharded
+if sys.argv[3:4] == ["resume"]:
+    train_sharded(sys.argv[1], sys.argv[2], int(sys.argv[4]))
+else:
+    run_cases(sys.argv[1], sys.argv[2], fsdp=sys.argv[3:] == ["fsdp"])
 """
 
 
@@ -191,17 +223,22 @@ def single(setup_dir, tmp_path_factory) -> tuple[Path, dict]:
     return out, json.loads((out / "rank0.json").read_text())
 
 
-def launch(setup_dir: Path, out: Path, *extra: str) -> list[dict]:
-    """run_cases under `torchrun --nproc_per_node WORLD`; every rank's info."""
-    out.mkdir()
+def torchrun_script(setup_dir: Path, out: Path, *extra: str, world: int = WORLD) -> None:
+    """SCRIPT (run_cases, or train_sharded with "resume") under torchrun, `world` processes."""
+    out.mkdir(exist_ok=True)
     script = out.parent / "ddp_script.py"
     script.write_text(SCRIPT.format(tests=str(HERE)))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     env.pop("WORLD_SIZE", None)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
-    cmd += [f"--nproc_per_node={WORLD}", str(script), str(setup_dir), str(out), *extra]
+    cmd += [f"--nproc_per_node={world}", str(script), str(setup_dir), str(out), *extra]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+def launch(setup_dir: Path, out: Path, *extra: str) -> list[dict]:
+    """run_cases under `torchrun --nproc_per_node WORLD`; every rank's info."""
+    torchrun_script(setup_dir, out, *extra)
     ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(WORLD)]
     assert [r["world"] for r in ranks] == [WORLD] * WORLD
     return ranks
@@ -261,6 +298,21 @@ def test_two_fsdp_processes_train_like_one(setup_dir, single, tmp_path):
         (tmp_path / "fsdp" / "work" / "npo_gdr" / "epoch_3" / "config.json").read_text()
     )
     assert config["architectures"] == ["LlamaForCausalLM"]  # a plain model was saved
+
+
+def test_a_sharded_run_resumes_on_another_number_of_processes(setup_dir, single, tmp_path):
+    """Checkpoints of an FSDP run hold the whole model and AdamW state: two epochs on 2
+    processes, the third resumed on 3, end where one process's three epochs end."""
+    out = tmp_path / "resume"
+    torchrun_script(setup_dir, out, "resume", "2", world=2)
+    torchrun_script(setup_dir, out, "resume", "3", world=3)
+    assert sorted(p.name for p in (out / "work").iterdir()) == ["epoch_1", "epoch_2", "epoch_3"]
+    want = load(single[0] / "npo_gdr.rank0.safetensors")
+    for rank in range(3):
+        got = load(out / f"final.rank{rank}.safetensors")
+        for key in want:
+            diff = (got[key] - want[key]).abs().max().item()
+            assert diff <= PARAM_ATOL, f"rank {rank}: {key} differs by {diff:.2e}"
 
 
 def test_shares_cover_a_micro_batch_evenly():
