@@ -80,6 +80,14 @@ __all__ = [
 ]
 
 SCHEDULERS = ("constant", "linear", "cosine")
+FSDP_NEEDS_PROCESSES = (
+    "fsdp shards the model over several processes; launch 2 or more with torchrun or "
+    "accelerate launch (configs/accelerate/fsdp.yaml), or drop -P fsdp=true."
+)
+FSDP_WITH_LORA = (
+    "fsdp and lora_rank cannot be combined; LoRA already keeps the trained state small, "
+    "so drop one of them."
+)
 MIXED_PRECISIONS = ("auto", "no", "bf16")
 
 
@@ -375,15 +383,9 @@ def _check_config(config: TrainConfig, procs: Processes) -> None:
     if config.lora_rank and not config.lora_target_modules:
         raise ConfigError("lora_target_modules is empty; name the linear layers to adapt.")
     if config.fsdp and procs.world < 2:
-        raise ConfigError(
-            "fsdp shards the model over several processes; launch 2 or more with torchrun "
-            "or accelerate launch (configs/accelerate/fsdp.yaml), or drop -P fsdp=true."
-        )
+        raise ConfigError(FSDP_NEEDS_PROCESSES)
     if config.fsdp and config.lora_rank:
-        raise ConfigError(
-            "fsdp and lora_rank cannot be combined; LoRA already keeps the trained state "
-            "small, so drop one of them."
-        )
+        raise ConfigError(FSDP_WITH_LORA)
 
 
 def train(

@@ -159,6 +159,17 @@ def test_lora_options_are_validated(tiny_tokenizer):
         algo.unlearn(make_tiny_model(tiny_tokenizer), tiny_tokenizer, REQUEST, CTX)
 
 
+def test_fsdp_is_refused_at_construction_where_it_cannot_run(monkeypatch):
+    """Before any work: one process, or FSDP with LoRA (the loop checks both again)."""
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    with pytest.raises(ConfigError, match="fsdp shards the model over several processes"):
+        GA(fsdp=True)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert GA(fsdp=True).fsdp
+    with pytest.raises(ConfigError, match="fsdp and lora_rank cannot be combined"):
+        GA(fsdp=True, lora_rank=4)
+
+
 # ------------------------------------------------------------ gradient checkpointing
 
 

@@ -18,12 +18,20 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import nn
 
+from muse_bench.distributed import launched_processes
 from muse_bench.errors import ConfigError, TrainingError
 from muse_bench.hparams import hyperparameters, params_dict, require
 from muse_bench.lora import LLAMA_LORA_TARGETS
 from muse_bench.ref_logprobs import Batch, ReferenceProvider
 from muse_bench.registry import Registry
-from muse_bench.training import MIXED_PRECISIONS, SCHEDULERS, TrainConfig, train
+from muse_bench.training import (
+    FSDP_NEEDS_PROCESSES,
+    FSDP_WITH_LORA,
+    MIXED_PRECISIONS,
+    SCHEDULERS,
+    TrainConfig,
+    train,
+)
 from muse_bench.types import ForgetRequest
 
 from .losses import reference_kl, token_nll
@@ -259,6 +267,9 @@ class GradientUnlearner(Unlearner):
             self.mixed_precision in MIXED_PRECISIONS,
             f"mixed_precision must be one of {', '.join(MIXED_PRECISIONS)}.",
         )
+        # Checked again by the loop; here so that a bad command stops before any work.
+        require(not (self.fsdp and self.lora_rank), FSDP_WITH_LORA)
+        require(not self.fsdp or launched_processes() >= 2, FSDP_NEEDS_PROCESSES)
 
     @abstractmethod
     def loss(
