@@ -195,3 +195,22 @@ def test_open_jobs_keep_their_threads_until_collected(tiny_tokenizer):
         cancelled.cancel()
         with LANE.foreground():
             assert torch.get_num_threads() == 4
+
+
+def test_a_failed_evaluation_releases_the_lane(tiny_tokenizer, mini_benchmark):
+    """Generation fails after the scoring was submitted: the jobs are cancelled, so later
+    work gets all the torch threads back."""
+    from muse_bench.data import load_corpus_dir
+
+    corpus = load_corpus_dir("news", mini_benchmark[0])
+    engine = HFEngine(model=make_tiny_model(tiny_tokenizer), tokenizer=tiny_tokenizer)
+
+    def broken_generate(*args, **kwargs):
+        raise RuntimeError("decoding failed")
+
+    engine.generate = broken_generate
+    with torch_threads(2):
+        with pytest.raises(RuntimeError, match="decoding failed"):
+            evaluate(engine, corpus, RetrainAUC(0.5, "min_k_40", {}), progress=False)
+        with LANE.foreground():
+            assert torch.get_num_threads() == 2

@@ -135,9 +135,10 @@ def evaluate(
             engine, corpus.retain_qa, corpus.retain_qa_icl, desc=desc("knowmem_r")
         )
         forget, holdout = (p.result() for p in pending)
-    finally:
-        for p in pending:
+    except BaseException:
+        for p in pending:  # the scoring not started yet is no longer wanted
             p.cancel()
+        raise
     aucs = split_aucs(forget, holdout, attacks)
 
     metrics = {
