@@ -214,3 +214,21 @@ def test_a_failed_evaluation_releases_the_lane(tiny_tokenizer, mini_benchmark):
             evaluate(engine, corpus, RetrainAUC(0.5, "min_k_40", {}), progress=False)
         with LANE.foreground():
             assert torch.get_num_threads() == 2
+
+
+def test_a_failed_part_of_document_scoring_releases_the_others(tiny_tokenizer, monkeypatch):
+    engine = HFEngine(model=make_tiny_model(tiny_tokenizer), tokenizer=tiny_tokenizer)
+    real_score = engine._score
+
+    def failing_score(rows, with_stats):
+        if with_stats:  # the texts' pass fails; the lowercased texts' pass is left open
+            raise ValueError("scoring failed")
+        return real_score(rows, with_stats)
+
+    monkeypatch.setattr(engine, "_score", failing_score)
+    with torch_threads(2):
+        pending = submit_documents(engine, TEXTS, ["lowercase", "min_k_plus_plus_20"])
+        with pytest.raises(ValueError, match="scoring failed"):
+            pending.result()
+        with LANE.foreground():
+            assert torch.get_num_threads() == 2

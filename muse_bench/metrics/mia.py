@@ -160,7 +160,11 @@ class DocumentScoring:
 
     def result(self) -> list[dict[str, float]]:
         """Wait for the token scores; one {attack: score} per document, in input order."""
-        scores, lower, ref = (None if p is None else p.result() for p in self._parts)
+        try:
+            scores, lower, ref = (None if p is None else p.result() for p in self._parts)
+        except BaseException:
+            self.cancel()  # the parts not collected yet
+            raise
         return [
             document_scores(
                 text,
