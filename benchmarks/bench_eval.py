@@ -31,6 +31,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from muse_bench.core.types import Corpus, RetrainAUC  # noqa: E402
 from muse_bench.engines.hf import HFEngine  # noqa: E402
 from muse_bench.metrics.evaluate import evaluate  # noqa: E402
 from muse_bench.metrics.knowmem import cut_answer, icl_prefix, knowmem_prompt  # noqa: E402
@@ -38,7 +39,6 @@ from muse_bench.metrics.mia import MIN_K_PERCENTS, mia_auc  # noqa: E402
 from muse_bench.metrics.privleak import privleak  # noqa: E402
 from muse_bench.metrics.rouge import rouge_l_f1  # noqa: E402
 from muse_bench.metrics.verbmem import truncate_gt  # noqa: E402
-from muse_bench.types import Corpus, RetrainAUC  # noqa: E402
 
 ATTACK = "min_k_40"
 RETRAIN = RetrainAUC(0.5, ATTACK, {"source": "benchmark placeholder, not a real retrain AUC"})
@@ -54,7 +54,7 @@ def load_inputs(args: argparse.Namespace) -> tuple[Any, Any, Corpus, str]:
     corpus = load_corpus_dir(args.corpus, args.data) if args.data else load_corpus(args.corpus)
     model_dir = args.model or embedded_models_dir(args.corpus) / "target"
     if not args.synthetic and os.path.isdir(model_dir):
-        from muse_bench.models import load_model_and_tokenizer
+        from muse_bench.core.models import load_model_and_tokenizer
 
         model, tok = load_model_and_tokenizer(model_dir, device=args.device)
         return model, tok, corpus, f"model {model_dir}"

@@ -16,7 +16,7 @@ of the micro-batch, the same under both, add to it during the forward and backwa
 Per process, DDP keeps the whole state: weights, gradients and AdamW's two moments, 16
 bytes a parameter (plus DDP's gradient buckets, another 4, as accelerate leaves
 `gradient_as_bucket_view` off). FSDP keeps 16/N bytes a parameter of sharded state, plus
-the plain copy of the model that muse_bench.fsdp keeps for evaluation, 4 bytes a parameter.
+the plain copy of the model that muse_bench.training.fsdp keeps for evaluation, 4 bytes a parameter.
 The model's own full weights (4 bytes a parameter) are resident before training in both;
 under FSDP they are freed when sharded, so the expected increase is 12 (+4 buckets) bytes
 a parameter for DDP and 16/N for FSDP, plus activations in both.
@@ -58,8 +58,8 @@ def child(args: argparse.Namespace) -> None:
     from accelerate import Accelerator
     from torch.optim.optimizer import register_optimizer_step_post_hook
 
-    from muse_bench.models import load_tokenizer
-    from muse_bench.types import ForgetRequest
+    from muse_bench.core.models import load_tokenizer
+    from muse_bench.core.types import ForgetRequest
     from muse_bench.unlearners import GA, UnlearnContext
 
     torch.set_num_threads(1)

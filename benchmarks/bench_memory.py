@@ -80,8 +80,8 @@ def _vm(field: str) -> int:
 
 def child(args: argparse.Namespace) -> None:
     """Run one configuration and print a JSON line with the memory it used."""
-    from muse_bench.models import load_tokenizer
-    from muse_bench.types import ForgetRequest
+    from muse_bench.core.models import load_tokenizer
+    from muse_bench.core.types import ForgetRequest
 
     torch.set_num_threads(args.threads)
     tok = load_tokenizer(args.tokenizer)

@@ -32,9 +32,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 
-from muse_bench.packing import pack_texts, pad_batch  # noqa: E402
-from muse_bench.ref_logprobs import ReferenceProvider  # noqa: E402
-from muse_bench.training import TrainConfig, train  # noqa: E402
+from muse_bench.training.loop import TrainConfig, train  # noqa: E402
+from muse_bench.training.packing import pack_texts, pad_batch  # noqa: E402
+from muse_bench.training.ref_logprobs import ReferenceProvider  # noqa: E402
 from muse_bench.unlearners.losses import npo_loss, sequence_logprob, token_nll  # noqa: E402
 
 BETA = 0.1
@@ -78,7 +78,7 @@ def load_inputs(args: argparse.Namespace) -> tuple[Any, Any, list[str], str]:
     """(model factory, tokenizer, forget texts, description)."""
     forget, retain = corpus_texts(args.corpus)
     if args.model:
-        from muse_bench.models import load_model, load_tokenizer
+        from muse_bench.core.models import load_model, load_tokenizer
 
         tok = load_tokenizer(args.model)
         return (lambda: load_model(args.model, args.device)), tok, forget, f"model {args.model}"
@@ -228,7 +228,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    from muse_bench.models import quiet_transformers
+    from muse_bench.core.models import quiet_transformers
 
     quiet_transformers()
     make, tok, forget, desc = load_inputs(args)

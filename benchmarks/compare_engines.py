@@ -25,8 +25,8 @@ from typing import Any
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from muse_bench.errors import MuseError  # noqa: E402
-from muse_bench.types import RetrainAUC  # noqa: E402
+from muse_bench.core.errors import MuseError  # noqa: E402
+from muse_bench.core.types import RetrainAUC  # noqa: E402
 
 ATTACK = "min_k_40"  # available on every engine (Min-K%++ needs the full distribution)
 RETRAIN = RetrainAUC(0.5, ATTACK, {"source": "placeholder: engines are compared, not models"})

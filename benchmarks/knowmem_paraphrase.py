@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import argparse
 
+from muse_bench.core.models import load_model_and_tokenizer
+from muse_bench.core.types import QAPair
 from muse_bench.data import embedded_models_dir, load_corpus
 from muse_bench.engines import make_engine
 from muse_bench.metrics.knowmem import eval_knowmem
-from muse_bench.models import load_model_and_tokenizer
 from muse_bench.tasks.worldgen import RECIPES, build_corpus
-from muse_bench.types import QAPair
 
 
 def qa(items: list[dict]) -> list[QAPair]:

@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from muse_bench import __version__
-from muse_bench.errors import MuseError
+from muse_bench.core.errors import MuseError
 
 METRIC_HELP = {
     "verbmem_f": "C1 verbatim memorization of D_forget: ROUGE-L of 128-token continuations (lower is better)",
@@ -110,9 +110,9 @@ def cli() -> None:
 @cli.command("list")
 def list_cmd() -> None:
     """List unlearners (with hyperparameters), corpora and metrics."""
+    from muse_bench.core.hparams import describe
     from muse_bench.data import CORPORA, embedded_dir, embedded_models_dir, load_corpus
     from muse_bench.engines import ENGINES
-    from muse_bench.hparams import describe
     from muse_bench.metrics.mia import available_attacks
     from muse_bench.unlearners import UNLEARNERS
 
@@ -213,7 +213,7 @@ def _summary(report: dict, refs: dict[str, dict]) -> None:
 @click.option("--name", default=None, help="Leaderboard name of this run (default: the algo).")
 def run(**kw) -> None:
     """Unlearn, evaluate six ways, write report.json and a leaderboard row."""
-    from muse_bench.distributed import Processes
+    from muse_bench.core.distributed import Processes
     from muse_bench.runner import run as do_run
 
     report = do_run(_config(**kw), echo=click.echo)
@@ -243,10 +243,10 @@ def run(**kw) -> None:
 )
 def eval_cmd(model_spec: str, name: str | None, **kw) -> None:
     """Evaluate one checkpoint six ways (what MUSE's eval.py does)."""
-    from muse_bench.distributed import main_only, on_main, start_processes
-    from muse_bench.io import check_writable_dir
-    from muse_bench.reference import retrain_auc
+    from muse_bench.core.distributed import main_only, on_main, start_processes
+    from muse_bench.core.io import check_writable_dir
     from muse_bench.runner import check_config, check_model, eval_checkpoint, safe_dir_name
+    from muse_bench.runner.references import retrain_auc
     from muse_bench.task import resolve_task
 
     cfg = _config(algo="eval", **kw)
@@ -295,7 +295,7 @@ def leaderboard() -> None:
 @click.argument("csv_paths", nargs=-1, required=True, type=click.Path(path_type=Path))
 def validate(csv_paths) -> None:
     """Check CSVs against the leaderboard schema."""
-    from muse_bench.leaderboard import validate as do_validate
+    from muse_bench.leaderboard.rows import validate as do_validate
 
     bad = False
     for path in csv_paths:
@@ -321,7 +321,7 @@ def validate(csv_paths) -> None:
 )
 def merge(csv_paths, output: Path, allow_mixed: bool) -> None:
     """Combine CSVs, de-duplicated by run id."""
-    from muse_bench.leaderboard import merge as do_merge
+    from muse_bench.leaderboard.rows import merge as do_merge
 
     do_merge(list(csv_paths), output, allow_mixed=allow_mixed)
     click.echo(f"wrote {output}")
@@ -339,7 +339,7 @@ def merge(csv_paths, output: Path, allow_mixed: bool) -> None:
 )
 def render(csv_paths, output: Path) -> None:
     """Write a static HTML leaderboard page and MUSE-style plots."""
-    from muse_bench.leaderboard import render as do_render
+    from muse_bench.leaderboard.page import render as do_render
 
     page = do_render(list(csv_paths), output)
     click.echo(f"wrote {page}")

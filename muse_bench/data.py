@@ -14,9 +14,9 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from muse_bench.errors import ConfigError, DataError
-from muse_bench.registry import suggest
-from muse_bench.types import Corpus, QAPair, VerbMemPair
+from muse_bench.core.errors import ConfigError, DataError
+from muse_bench.core.registry import suggest
+from muse_bench.core.types import Corpus, QAPair, VerbMemPair
 
 EMBEDDED_ROOT = Path(__file__).resolve().parent / "tasks"
 try:  # installed layout: muse_bench.tasks is the top-level tasks/ folder
@@ -219,7 +219,7 @@ def materialize_hub(
     """
     from datasets import load_dataset
 
-    from muse_bench.io import atomic_write_json
+    from muse_bench.core.io import atomic_write_json
 
     path = source or hub.repo
     # a private datasets cache, removed afterwards: the MUSE-layout JSON is what we keep

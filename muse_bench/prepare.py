@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import replace
 
+from muse_bench.core.models import check_checkpoint_dir
 from muse_bench.data import check_corpus_name, embedded_dir, embedded_models_dir
-from muse_bench.models import check_checkpoint_dir
 from muse_bench.task import local_model_dir, resolve_task
 
 

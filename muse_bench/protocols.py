@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from muse_bench.errors import ConfigError
-from muse_bench.registry import suggest
-from muse_bench.types import PROTOCOLS, Corpus, ForgetRequest
+from muse_bench.core.errors import ConfigError
+from muse_bench.core.registry import suggest
+from muse_bench.core.types import PROTOCOLS, Corpus, ForgetRequest
 
 
 def check_protocol(protocol: str, corpus: Corpus) -> str:

@@ -6,9 +6,9 @@ import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
+from muse_bench.core.errors import ConfigError, ModelError
+from muse_bench.core.types import Corpus, ReferenceModels
 from muse_bench.data import HUB_DATASETS, embedded_models_dir, load_corpus
-from muse_bench.errors import ConfigError, ModelError
-from muse_bench.types import Corpus, ReferenceModels
 
 
 @dataclass(frozen=True)

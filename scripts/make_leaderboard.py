@@ -15,7 +15,7 @@ import shutil
 import time
 from pathlib import Path
 
-from muse_bench.leaderboard import render
+from muse_bench.leaderboard.page import render
 from muse_bench.runner import RunConfig, run
 from muse_bench.unlearners import UNLEARNERS
 

@@ -126,7 +126,7 @@ def encode_documents(texts: list[str], tokenizer, max_positions: int) -> list[to
 
 def train_reference(texts: list[str], tokenizer, recipe: ModelRecipe, log=print):
     """Train one reference model on `texts`; returns the model in eval mode."""
-    from muse_bench.packing import pad_batch
+    from muse_bench.training.packing import pad_batch
 
     model = make_model(recipe, tokenizer)
     seqs = encode_documents(texts, tokenizer, recipe.max_positions)
@@ -175,7 +175,7 @@ def build_reference_models(
     log=print,
 ) -> dict[str, Path]:
     """Train the tokenizer and the target/retrain models into out_dir/{target,retrain}."""
-    from muse_bench.models import save_model
+    from muse_bench.core.models import save_model
 
     tokenizer = train_bpe_tokenizer(tokenizer_texts(data_dir), recipe.vocab_size)
     texts = training_texts(data_dir)

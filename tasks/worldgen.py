@@ -641,7 +641,7 @@ def render_file(content: object) -> bytes:
 
 def write_corpus(recipe: CorpusRecipe, data_dir: Path) -> list[Path]:
     """Generate the corpus into `data_dir`; returns the files written."""
-    from muse_bench.io import atomic_write_bytes
+    from muse_bench.core.io import atomic_write_bytes
 
     written = []
     for rel, content in sorted(build_corpus(recipe).items()):

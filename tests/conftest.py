@@ -94,8 +94,8 @@ def write_mini_benchmark(root, docs: int = 4, seed: int = 0):
     import json
     from pathlib import Path
 
+    from muse_bench.core.models import save_model
     from muse_bench.data import embedded_dir
-    from muse_bench.models import save_model
     from muse_bench.tasks.tokenizer import train_bpe_tokenizer
 
     root = Path(root)

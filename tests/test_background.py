@@ -9,12 +9,12 @@ import pytest
 import torch
 from conftest import make_tiny_model
 
+from muse_bench.core.types import RetrainAUC
 from muse_bench.engines import HFEngine
 from muse_bench.engines.background import LANE, Lane, ScoringJob, torch_threads
 from muse_bench.engines.base import Ready, submit_token_logprobs
 from muse_bench.metrics import evaluate
 from muse_bench.metrics.mia import score_documents, submit_documents
-from muse_bench.types import RetrainAUC
 
 TEXTS = [
     "The harbour of Velmora opened in 1841 after a long winter.",

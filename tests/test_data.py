@@ -8,7 +8,7 @@ import shutil
 import pytest
 
 from muse_bench import data
-from muse_bench.errors import ConfigError, DataError
+from muse_bench.core.errors import ConfigError, DataError
 from muse_bench.protocols import check_protocol, requests
 
 

@@ -9,7 +9,7 @@ the two gradients, so floating-point additions happen in another order (and matm
 other shapes) than in one process; AdamW then turns those ~1e-7 relative differences into
 parameter differences of the same relative size. The data are chosen so that every chunk
 has the full length, which makes the per-process weighting exact in real arithmetic for
-token-mean losses too (see `muse_bench.distributed`); the tolerances below are orders of
+token-mean losses too (see `muse_bench.core.distributed`); the tolerances below are orders of
 magnitude under the change training makes and over float noise.
 """
 
@@ -25,8 +25,8 @@ import pytest
 import torch
 from conftest import TINY_TEXTS, make_tiny_model
 
-from muse_bench.models import save_model
-from muse_bench.packing import pack_texts
+from muse_bench.core.models import save_model
+from muse_bench.training.packing import pack_texts
 
 HERE = Path(__file__).resolve().parent
 SENTENCES = sorted(set(TINY_TEXTS)) + [
@@ -90,11 +90,11 @@ def run_cases(setup_dir: str, out_dir: str, fsdp: bool = False) -> None:
     """Run every case from `setup_dir` (model, tokenizer, data.json) and write the results
     to `out_dir`. Called in-process for one process and by each torchrun process; with
     `fsdp`, the cases of FSDP_CASES with -P fsdp=true."""
-    import muse_bench.checkpoints as checkpoints
-    import muse_bench.training as training
-    from muse_bench.distributed import Processes
-    from muse_bench.models import load_model_and_tokenizer
-    from muse_bench.types import ForgetRequest
+    import muse_bench.training.checkpoints as checkpoints
+    import muse_bench.training.loop as training
+    from muse_bench.core.distributed import Processes
+    from muse_bench.core.models import load_model_and_tokenizer
+    from muse_bench.core.types import ForgetRequest
     from muse_bench.unlearners import UnlearnContext, get_unlearner_class
 
     torch.set_num_threads(1)
@@ -161,10 +161,10 @@ def run_cases(setup_dir: str, out_dir: str, fsdp: bool = False) -> None:
 def train_sharded(setup_dir: str, out_dir: str, epochs: int) -> None:
     """The npo_gdr case with -P fsdp=true for `epochs` epochs, resuming from the
     checkpoints in `out_dir`/work; every rank saves its final weights."""
-    import muse_bench.training as training
-    from muse_bench.distributed import Processes
-    from muse_bench.models import load_model_and_tokenizer
-    from muse_bench.types import ForgetRequest
+    import muse_bench.training.loop as training
+    from muse_bench.core.distributed import Processes
+    from muse_bench.core.models import load_model_and_tokenizer
+    from muse_bench.core.types import ForgetRequest
     from muse_bench.unlearners import UnlearnContext, get_unlearner_class
 
     torch.set_num_threads(1)
@@ -316,7 +316,7 @@ def test_a_sharded_run_resumes_on_another_number_of_processes(setup_dir, single,
 
 
 def test_shares_cover_a_micro_batch_evenly():
-    from muse_bench.distributed import Processes
+    from muse_bench.core.distributed import Processes
 
     for n in range(0, 9):
         for world in (1, 2, 3, 4):
@@ -333,10 +333,10 @@ def test_batch_smaller_than_the_processes_and_sharded_strategies_are_refused(
     import accelerate
     from accelerate.utils import DistributedType
 
-    from muse_bench.distributed import Processes
-    from muse_bench.errors import ConfigError
-    from muse_bench.training import TrainConfig, _check_config
-    from muse_bench.types import ForgetRequest
+    from muse_bench.core.distributed import Processes
+    from muse_bench.core.errors import ConfigError
+    from muse_bench.core.types import ForgetRequest
+    from muse_bench.training.loop import TrainConfig, _check_config
     from muse_bench.unlearners import GA, UnlearnContext
 
     with pytest.raises(ConfigError, match="batch_size 2 is smaller than the 4 training processes"):
@@ -384,9 +384,9 @@ def test_token_means_of_unequal_shares_add_up_to_the_micro_batch(tiny_tokenizer,
     """Two processes' shares with different numbers of tokens: with the token norms the
     loop sets, world x share-weighted losses average to the one-process loss, gradients
     included (exact, not only for equal-length chunks)."""
-    from muse_bench.packing import pad_batch
-    from muse_bench.ref_logprobs import ReferenceProvider
-    from muse_bench.training import _set_token_norms
+    from muse_bench.training.loop import _set_token_norms
+    from muse_bench.training.packing import pad_batch
+    from muse_bench.training.ref_logprobs import ReferenceProvider
     from muse_bench.unlearners import get_unlearner_class
 
     model = make_tiny_model(tiny_tokenizer, seed=2)

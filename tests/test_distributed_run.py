@@ -48,10 +48,10 @@ import pytest
 import torch
 
 from muse_bench.cli import main
-from muse_bench.distributed import Processes, local_device, main_only, on_main
+from muse_bench.core.distributed import Processes, local_device, main_only, on_main
+from muse_bench.core.io import try_lock
 from muse_bench.engines.base import TokenScores
 from muse_bench.engines.sharded import ShardedEngine, shard
-from muse_bench.io import try_lock
 
 WORLD = 2
 #: The compared commands, by the directory name of their reports; `muse eval` evaluates the

@@ -10,6 +10,7 @@ import pytest
 import torch
 from conftest import make_tiny_model
 
+from muse_bench.core.errors import ConfigError
 from muse_bench.engines import (
     ENGINES,
     Engine,
@@ -19,7 +20,6 @@ from muse_bench.engines import (
     make_engine,
 )
 from muse_bench.engines.base import stop_settled
-from muse_bench.errors import ConfigError
 
 PROMPTS = [
     "The harbour of Velmora",
@@ -241,7 +241,7 @@ def test_make_engine_and_registry(tiny_model, tiny_tokenizer, tmp_path):
     with pytest.raises(ConfigError, match="batch size"):
         make_engine("hf", model=tiny_model, tokenizer=tiny_tokenizer, batch_size=0)
 
-    from muse_bench.models import save_model
+    from muse_bench.core.models import save_model
 
     path = save_model(tiny_model, tiny_tokenizer, tmp_path / "tiny")
     loaded = make_engine("hf", model_path=str(path))
@@ -266,7 +266,7 @@ def test_vllm_missing_is_a_clear_config_error():
     not (HAS_VLLM and torch.cuda.is_available()), reason="needs vLLM and a CUDA GPU"
 )
 def test_vllm_matches_hf(tiny_model, tiny_tokenizer, tmp_path):
-    from muse_bench.models import save_model
+    from muse_bench.core.models import save_model
 
     path = save_model(tiny_model, tiny_tokenizer, tmp_path / "tiny")
     vllm_engine = make_engine("vllm", model_path=str(path), device="cuda")

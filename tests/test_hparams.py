@@ -7,8 +7,8 @@ from typing import Literal
 
 import pytest
 
-from muse_bench.errors import ConfigError
-from muse_bench.hparams import describe, params_dict, parse_params, require
+from muse_bench.core.errors import ConfigError
+from muse_bench.core.hparams import describe, params_dict, parse_params, require
 from muse_bench.unlearners import GA, NPO, NPO_GDR, WHP, GradientUnlearner, TaskVector
 
 

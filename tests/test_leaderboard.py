@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from muse_bench import leaderboard as lb
-from muse_bench import leaderboard_render as lbr
-from muse_bench.errors import DataError, MuseError
+from muse_bench.core.errors import DataError, MuseError
+from muse_bench.leaderboard import page as lbr
+from muse_bench.leaderboard import rows as lb
 
 BENCH = "muse-news@embedded-v1"
 
@@ -516,7 +516,7 @@ def _assert_png(path: Path) -> None:
 def test_render_writes_page_and_plots(board: Path, tmp_path: Path) -> None:
     books = make_csv(tmp_path / "books.csv", report("b", benchmark="hub:muse-bench/MUSE-Books@abc"))
     out = tmp_path / "site"
-    page = lb.render([board, books], out)
+    page = lbr.render([board, books], out)
     assert page == out / "index.html"
     text = page.read_text()
     news_slug, books_slug = lbr.slug(BENCH), lbr.slug("hub:muse-bench/MUSE-Books@abc")
@@ -542,11 +542,11 @@ def test_render_writes_page_and_plots(board: Path, tmp_path: Path) -> None:
 
 def test_render_drops_stale_plots(board: Path, tmp_path: Path) -> None:
     out = tmp_path / "site"
-    lb.render([board], out)
+    lbr.render([board], out)
     stale = out / f"scale_{lbr.slug(BENCH)}.png"
     assert stale.exists()
     plain = make_csv(tmp_path / "plain.csv", report("p"))
-    lb.render([plain], out)
+    lbr.render([plain], out)
     assert not stale.exists()
 
 

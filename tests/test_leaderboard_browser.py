@@ -21,7 +21,8 @@ from typing import Any
 
 import pytest
 
-from muse_bench import leaderboard as lb
+from muse_bench.leaderboard import page as lb_page
+from muse_bench.leaderboard import rows as lb
 
 CHROMIUM = os.environ.get("MUSE_BENCH_CHROMIUM", "/usr/bin/chromium")
 
@@ -202,7 +203,7 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Path:
             "run_id": f"run-{i}",
         }
         assert lb.append_row(csv_path, lb.row_from_report(report))
-    lb.render([csv_path], root / "out")
+    lb_page.render([csv_path], root / "out")
     return root / "out" / "index.html"
 
 

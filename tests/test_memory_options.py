@@ -12,17 +12,17 @@ import pytest
 import torch
 from conftest import make_tiny_model, snapshot
 
-from muse_bench.errors import ConfigError
-from muse_bench.models import load_model, save_model
-from muse_bench.packing import pack_texts, pad_batch
-from muse_bench.training import (
+from muse_bench.core.errors import ConfigError
+from muse_bench.core.models import load_model, save_model
+from muse_bench.core.types import ForgetRequest
+from muse_bench.training.loop import (
     LLAMA_LORA_TARGETS,
     STATE_TENSORS,
     ReferenceProvider,
     enable_gradient_checkpointing,
     resolve_mixed_precision,
 )
-from muse_bench.types import ForgetRequest
+from muse_bench.training.packing import pack_texts, pad_batch
 from muse_bench.unlearners import (
     GA,
     GA_KLR,
@@ -268,7 +268,7 @@ def test_topk_kl_equals_the_full_kl_at_k_equal_vocab_and_bounds_it_below():
     def top(k):
         values, indices = logp.topk(k, dim=-1)
         tail = logp.scatter(-1, indices, -math.inf).logsumexp(-1) if k < 11 else None
-        from muse_bench.training import RefTopK
+        from muse_bench.training.loop import RefTopK
 
         return RefTopK(values, indices, tail)
 
@@ -325,7 +325,7 @@ class RecordedKLR(GA_KLR):
 
 
 def test_lora_klr_uses_the_base_weights_as_reference_without_a_copy(tiny_tokenizer, monkeypatch):
-    import muse_bench.ref_logprobs as ref_logprobs
+    import muse_bench.training.ref_logprobs as ref_logprobs
 
     def no_copy(obj, memo=None):
         raise AssertionError("LoRA runs must not copy the model for the KL reference")

@@ -16,8 +16,9 @@ from rouge_score import rouge_scorer
 from sklearn.metrics import auc as sk_auc
 from sklearn.metrics import roc_auc_score, roc_curve
 
+from muse_bench.core.errors import ConfigError, DataError
+from muse_bench.core.types import Corpus, QAPair, RetrainAUC, VerbMemPair
 from muse_bench.engines import HFEngine, TokenScores
-from muse_bench.errors import ConfigError, DataError
 from muse_bench.metrics import (
     ALL_ATTACKS,
     bootstrap_auc,
@@ -40,7 +41,6 @@ from muse_bench.metrics import (
     rouge_l_f1,
     truncate_gt,
 )
-from muse_bench.types import Corpus, QAPair, RetrainAUC, VerbMemPair
 
 FORGET = [
     "The lighthouse of Carrow was lit in 1893 by keeper Mira Holt, who kept it for forty years.",

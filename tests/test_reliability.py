@@ -33,7 +33,7 @@ import torch
 from conftest import invoke_cli as invoke
 from conftest import write_mini_benchmark
 
-import muse_bench.io as mio
+import muse_bench.core.io as mio
 
 MUSE = str(Path(sys.executable).with_name("muse"))
 ENV = {
@@ -262,7 +262,7 @@ def test_unreadable_state_files_are_redone(bench, reference, tmp_path):
 
 
 def test_second_identical_run_is_refused_while_the_first_holds_the_lock(bench, existing_out):
-    from muse_bench.io import try_lock
+    from muse_bench.core.io import try_lock
 
     report = the_report(existing_out)
     lock = existing_out / "news" / "npo" / f".{report['run_id']}.lock"
@@ -774,7 +774,7 @@ def test_leaderboard_validate_lists_the_problem(damage, reference, tmp_path):
 
 
 class _FullDisk:
-    """Stands in for `os` inside muse_bench.io: writes to files named `victim` fail (ENOSPC)."""
+    """Stands in for `os` inside muse_bench.core.io: writes to files named `victim` fail (ENOSPC)."""
 
     def __init__(self, victim: str) -> None:
         self.victim = victim

@@ -11,10 +11,10 @@ import pytest
 import torch
 from conftest import make_tiny_model, snapshot
 
-from muse_bench.errors import ConfigError, TrainingError
-from muse_bench.models import load_model
-from muse_bench.packing import pack_texts, pad_batch
-from muse_bench.training import (
+from muse_bench.core.errors import ConfigError, TrainingError
+from muse_bench.core.models import load_model
+from muse_bench.core.types import ForgetRequest
+from muse_bench.training.loop import (
     STATE_JSON,
     STATE_TENSORS,
     ReferenceProvider,
@@ -23,7 +23,7 @@ from muse_bench.training import (
     lr_factor,
     token_logprobs,
 )
-from muse_bench.types import ForgetRequest
+from muse_bench.training.packing import pack_texts, pad_batch
 from muse_bench.unlearners import (
     GA,
     NPO_GDR,

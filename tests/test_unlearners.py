@@ -12,11 +12,11 @@ import torch
 from conftest import make_tiny_model
 from torch import nn
 
-from muse_bench.errors import ConfigError
-from muse_bench.models import save_model
-from muse_bench.packing import pack_texts, pad_batch
-from muse_bench.training import ReferenceProvider
-from muse_bench.types import ForgetRequest
+from muse_bench.core.errors import ConfigError
+from muse_bench.core.models import save_model
+from muse_bench.core.types import ForgetRequest
+from muse_bench.training.loop import ReferenceProvider
+from muse_bench.training.packing import pack_texts, pad_batch
 from muse_bench.unlearners import (
     GA,
     GA_GDR,

@@ -6,7 +6,7 @@ on a `@dataclass(kw_only=True)` subclass of `GradientUnlearner` (write `loss()`)
 `muse_bench.unlearners`.
 """
 
-from muse_bench.hparams import describe, parse_params
+from muse_bench.core.hparams import describe, parse_params
 
 from .base import (
     EMBEDDED,

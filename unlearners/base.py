@@ -3,7 +3,7 @@
 An `Unlearner` is a keyword-only dataclass whose fields are its hyperparameters. It
 turns (model, ForgetRequest) into a stream of `Candidate` models (one per epoch or per
 α of a sweep) so the runner can apply MUSE's model selection. A `GradientUnlearner`
-only writes `loss()`; the shared loop in `muse_bench.training` does the rest.
+only writes `loss()`; the shared loop in `muse_bench.training.loop` does the rest.
 """
 
 from __future__ import annotations
@@ -18,13 +18,12 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import nn
 
-from muse_bench.distributed import launched_processes
-from muse_bench.errors import ConfigError, TrainingError
-from muse_bench.hparams import hyperparameters, params_dict, require
-from muse_bench.lora import LLAMA_LORA_TARGETS
-from muse_bench.ref_logprobs import Batch, ReferenceProvider
-from muse_bench.registry import Registry
-from muse_bench.training import (
+from muse_bench.core.distributed import launched_processes
+from muse_bench.core.errors import ConfigError, TrainingError
+from muse_bench.core.hparams import hyperparameters, params_dict, require
+from muse_bench.core.registry import Registry
+from muse_bench.core.types import ForgetRequest
+from muse_bench.training.loop import (
     FSDP_NEEDS_PROCESSES,
     FSDP_WITH_LORA,
     MIXED_PRECISIONS,
@@ -32,7 +31,8 @@ from muse_bench.training import (
     TrainConfig,
     train,
 )
-from muse_bench.types import ForgetRequest
+from muse_bench.training.lora import LLAMA_LORA_TARGETS
+from muse_bench.training.ref_logprobs import Batch, ReferenceProvider
 
 from .losses import reference_kl, token_nll
 

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from muse_bench.ref_logprobs import Batch, ReferenceProvider, RefTopK, token_logprobs
+from muse_bench.training.ref_logprobs import Batch, ReferenceProvider, RefTopK, token_logprobs
 
 __all__ = [
     "kl_divergence",

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from muse_bench.hparams import require
+from muse_bench.core.hparams import require
 
 from .base import GDR, KLR, GradientUnlearner, register_unlearner
 from .losses import npo_loss, sequence_logprob

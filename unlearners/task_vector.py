@@ -13,8 +13,8 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from muse_bench.hparams import require
-from muse_bench.types import ForgetRequest
+from muse_bench.core.hparams import require
+from muse_bench.core.types import ForgetRequest
 
 from .base import (
     EMBEDDED,

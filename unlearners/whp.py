@@ -10,8 +10,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from muse_bench.errors import ModelError
-from muse_bench.io import atomic_write_json
+from muse_bench.core.errors import ModelError
+from muse_bench.core.io import atomic_write_json
 
 from .base import register_unlearner
 from .task_vector import ReinforcedSweep
@@ -93,7 +93,7 @@ class WHPModel(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> WHPModel:
         """Load a directory written by `save_pretrained`."""
-        from muse_bench.models import load_model
+        from muse_bench.core.models import load_model
 
         path = Path(path)
         try:
@@ -109,7 +109,7 @@ class WHPModel(nn.Module):
 def load_unlearned(path: str | Path, device: str | torch.device | None = "cpu"):
     """(model, tokenizer) from a directory written with `save_model(candidate.model, ...)`:
     a plain Hugging Face checkpoint or a WHP one (`whp.json`)."""
-    from muse_bench.models import load_model_and_tokenizer, load_tokenizer
+    from muse_bench.core.models import load_model_and_tokenizer, load_tokenizer
 
     if (Path(path) / WHP_MARKER).is_file():
         return WHPModel.from_pretrained(path, device), load_tokenizer(path)

@@ -8,8 +8,8 @@ from typing import Any, Generic, Protocol, TypeVar, runtime_checkable
 
 import numpy as np
 
-from muse_bench.errors import ConfigError
-from muse_bench.registry import Registry
+from muse_bench.core.errors import ConfigError
+from muse_bench.core.registry import Registry
 
 T_co = TypeVar("T_co", covariant=True)
 

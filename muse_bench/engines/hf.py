@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from muse_bench.core.errors import ConfigError
 from muse_bench.engines.background import LANE, ScoringJob
 from muse_bench.engines.base import (
     DECODE_KWARGS,
@@ -21,7 +22,6 @@ from muse_bench.engines.base import (
     stop_settled,
 )
 from muse_bench.engines.kv_reserve import reserve
-from muse_bench.errors import ConfigError
 
 
 def _length_sorted_batches(
@@ -155,7 +155,7 @@ class HFEngine:
         if model is None:
             if model_path is None:
                 raise ConfigError("the hf engine needs a model or a model_path.")
-            from muse_bench.models import load_model
+            from muse_bench.core.models import load_model
 
             model = load_model(model_path, device=device)
         if tokenizer is None:
@@ -163,7 +163,7 @@ class HFEngine:
                 raise ConfigError(
                     "the hf engine needs a tokenizer or a model_path to load it from."
                 )
-            from muse_bench.models import load_tokenizer
+            from muse_bench.core.models import load_tokenizer
 
             tokenizer = load_tokenizer(model_path)
         self.model = model

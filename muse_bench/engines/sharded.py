@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
-from muse_bench.distributed import Processes
+from muse_bench.core.distributed import Processes
 from muse_bench.engines.base import Engine, TokenScores
 
 T = TypeVar("T")

@@ -7,8 +7,8 @@ from typing import Any
 
 import numpy as np
 
+from muse_bench.core.errors import ConfigError
 from muse_bench.engines.base import DECODE_KWARGS, ENGINES, TokenScores, encode_texts, fit_prompt
-from muse_bench.errors import ConfigError
 
 VLLM_MISSING = "--engine vllm needs vLLM: pip install 'muse-bench[vllm]' (GPU only)."
 
@@ -56,7 +56,7 @@ class VLLMEngine:
         if device.startswith("cpu"):
             raise ConfigError("--engine vllm runs on a GPU only; use --engine hf on CPU.")
         if tokenizer is None:
-            from muse_bench.models import load_tokenizer
+            from muse_bench.core.models import load_tokenizer
 
             tokenizer = load_tokenizer(model_path)
         self._vllm = vllm

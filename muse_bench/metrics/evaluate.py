@@ -6,8 +6,9 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from muse_bench.core.errors import ConfigError
+from muse_bench.core.types import Corpus, RetrainAUC
 from muse_bench.engines.base import Engine
-from muse_bench.errors import ConfigError
 from muse_bench.metrics.bootstrap import (
     DEFAULT_LEVEL,
     DEFAULT_RESAMPLES,
@@ -23,7 +24,6 @@ from muse_bench.metrics.mia import (
 )
 from muse_bench.metrics.privleak import privleak, split_aucs
 from muse_bench.metrics.verbmem import eval_verbmem
-from muse_bench.types import Corpus, RetrainAUC
 
 #: The reported metrics, in MUSE's order of evaluation.
 METRICS = ("verbmem_f", "privleak", "knowmem_f", "knowmem_r")

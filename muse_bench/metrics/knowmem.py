@@ -6,9 +6,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from muse_bench.core.types import QAPair
 from muse_bench.engines.base import Engine
 from muse_bench.metrics.rouge import RougeResult, mean_x100, rouge_l_f1_many
-from muse_bench.types import QAPair
 
 KNOWMEM_MAX_NEW_TOKENS = 32
 STOP_STRINGS = ("\n\n", "\nQuestion", "Question:")

@@ -25,9 +25,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from muse_bench.core.errors import ConfigError, DataError
+from muse_bench.core.registry import suggest
 from muse_bench.engines.base import Engine, Pending, TokenScores, submit_token_logprobs
-from muse_bench.errors import ConfigError, DataError
-from muse_bench.registry import suggest
 
 MIN_K_PERCENTS = (5, 10, 20, 30, 40, 50, 60)
 DEFAULT_ATTACK = "min_k_40"

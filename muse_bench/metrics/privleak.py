@@ -8,10 +8,10 @@ from typing import TypeVar
 
 import numpy as np
 
+from muse_bench.core.errors import ConfigError
+from muse_bench.core.types import Corpus, RetrainAUC
 from muse_bench.engines.base import Engine
-from muse_bench.errors import ConfigError
 from muse_bench.metrics.mia import DEFAULT_ATTACK, check_attack, mia_auc, score_documents
-from muse_bench.types import Corpus, RetrainAUC
 
 AUC = TypeVar("AUC", float, np.ndarray)
 

@@ -7,9 +7,9 @@ from typing import Any
 
 import numpy as np
 
+from muse_bench.core.types import VerbMemPair
 from muse_bench.engines.base import DECODE_KWARGS, Engine
 from muse_bench.metrics.rouge import RougeResult, mean_x100, rouge_l_f1_many
-from muse_bench.types import VerbMemPair
 
 VERBMEM_MAX_NEW_TOKENS = 128
 

@@ -1,6 +1,6 @@
 """The leaderboard as a static web page: sortable tables and MUSE-style plots.
 
-`render_site` writes `index.html` (inline CSS and vanilla JS, nothing fetched from the
+`render` writes `index.html` (inline CSS and vanilla JS, nothing fetched from the
 network) and, beside it, per benchmark id: `tradeoff_<id>.png` (forget vs. utility),
 `scale_<id>.png` and `sustain_<id>.png` (utility against forget-set size / number of
 requests, only when some row carries such data).
@@ -26,8 +26,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from muse_bench.io import atomic_write_bytes, atomic_write_text  # noqa: E402
-from muse_bench.leaderboard import METRICS, REFERENCE_ALGOS, combine  # noqa: E402
+from muse_bench.core.io import atomic_write_bytes, atomic_write_text  # noqa: E402
+from muse_bench.leaderboard.rows import METRICS, REFERENCE_ALGOS, combine  # noqa: E402
 
 Row = Mapping[str, str]
 
@@ -363,9 +363,7 @@ def build_html(groups: Mapping[str, Sequence[Row]], images: Mapping[str, Sequenc
     )
 
 
-def render_site(
-    csv_paths: Sequence[str | os.PathLike[str]], out_dir: str | os.PathLike[str]
-) -> Path:
+def render(csv_paths: Sequence[str | os.PathLike[str]], out_dir: str | os.PathLike[str]) -> Path:
     """Write `out_dir/index.html` and its PNG plots for the given leaderboard files.
 
     Raises DataError for an invalid input file and MuseError for conflicting run ids.

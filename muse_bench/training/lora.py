@@ -2,7 +2,7 @@
 
 Only the adapters train. They are merged into the weights before a model leaves the loop,
 so every candidate is a plain model; their weights go into the latest checkpoint's
-`trainer_state.safetensors` for an exact resume (see `muse_bench.checkpoints`). With the
+`trainer_state.safetensors` for an exact resume (see `muse_bench.training.checkpoints`). With the
 adapters off, the untouched base weights are the reference model of KL regularizers, so
 no frozen copy is needed.
 """
@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from muse_bench.errors import ConfigError, TrainingError
+from muse_bench.core.errors import ConfigError, TrainingError
 
 #: LoRA's default targets: every linear layer of a Llama block (not the embeddings/head).
 LLAMA_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")

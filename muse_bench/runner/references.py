@@ -12,14 +12,14 @@ import json
 from pathlib import Path
 
 from muse_bench import __version__
+from muse_bench.core.distributed import on_main
+from muse_bench.core.io import atomic_write_json
+from muse_bench.core.models import load_model_and_tokenizer
+from muse_bench.core.types import RetrainAUC
 from muse_bench.data import data_fingerprint
-from muse_bench.distributed import on_main
 from muse_bench.engines import make_engine
 from muse_bench.engines.sharded import shard
-from muse_bench.io import atomic_write_json
-from muse_bench.models import load_model_and_tokenizer
 from muse_bench.task import Task, local_model_dir, model_fingerprint
-from muse_bench.types import RetrainAUC
 
 # MUSE's published forget-vs-holdout Min-40% AUCs of its retrain models. Used for hub
 # data only when asked (--retrain-auc published), and always recorded as such.
@@ -73,7 +73,7 @@ def retrain_auc(
 
     if published:
         if task.source != "hub" or attack != "min_k_40":
-            from muse_bench.errors import ConfigError
+            from muse_bench.core.errors import ConfigError
 
             raise ConfigError(
                 "published retrain AUCs exist only for hub MUSE data with attack min_k_40."

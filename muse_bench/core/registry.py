@@ -11,7 +11,7 @@ from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Generic, TypeVar
 
-from muse_bench.errors import ConfigError
+from muse_bench.core.errors import ConfigError
 
 T = TypeVar("T")
 

@@ -16,8 +16,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Literal, NamedTuple, Union
 
-from muse_bench.errors import ConfigError
-from muse_bench.registry import suggest
+from muse_bench.core.errors import ConfigError
+from muse_bench.core.registry import suggest
 
 _TRUE = frozenset({"true", "yes", "on", "1"})
 _FALSE = frozenset({"false", "no", "off", "0"})

@@ -32,7 +32,7 @@ from typing import Any, TypeVar
 
 import torch
 
-from muse_bench.errors import MuseError
+from muse_bench.core.errors import MuseError
 
 T = TypeVar("T")
 

@@ -5,9 +5,9 @@ command again after an interruption continues where it stopped, and a finished r
 not redone (unless forced) and never adds a second leaderboard row.
 
 Launched as several processes (`accelerate launch`, `torchrun`), the processes train
-together (see `muse_bench.training`), split every evaluation (`muse_bench.engines.sharded`)
+together (see `muse_bench.training.loop`), split every evaluation (`muse_bench.engines.sharded`)
 and so all compute the same metrics; only the main process writes files, and it reads the
-files that decide what to do next for all of them (`muse_bench.distributed.on_main`).
+files that decide what to do next for all of them (`muse_bench.core.distributed.on_main`).
 """
 
 from __future__ import annotations
@@ -29,25 +29,31 @@ from typing import Any
 import torch
 
 from muse_bench import __version__
-from muse_bench.distributed import held_by_main, local_device, main_only, on_main, start_processes
-from muse_bench.engines import make_engine
-from muse_bench.engines.sharded import shard
-from muse_bench.errors import ConfigError
-from muse_bench.io import (
+from muse_bench.core.distributed import (
+    held_by_main,
+    local_device,
+    main_only,
+    on_main,
+    start_processes,
+)
+from muse_bench.core.errors import ConfigError
+from muse_bench.core.io import (
     atomic_write_json,
     check_writable_dir,
     try_lock,
 )
-from muse_bench.models import (
+from muse_bench.core.models import (
     check_checkpoint_dir,
     load_model_and_tokenizer,
     resolve_device,
     save_model,
 )
+from muse_bench.core.types import ForgetRequest, RetrainAUC
+from muse_bench.engines import make_engine
+from muse_bench.engines.sharded import shard
 from muse_bench.protocols import requests as protocol_requests
-from muse_bench.reference import open_engine, retrain_auc
+from muse_bench.runner.references import open_engine, retrain_auc
 from muse_bench.task import Task, local_model_dir, model_fingerprint, resolve_task
-from muse_bench.types import ForgetRequest, RetrainAUC
 
 SELECT_MODES = ("first", "last")
 
@@ -121,7 +127,7 @@ def publish(report: dict[str, Any], out: Path, replace: bool = False) -> Path:
     `replace` (a --force redo) swaps an existing row of the same run id for the new one,
     in place, so the file never holds two rows of one run nor a stale one.
     """
-    from muse_bench.leaderboard import append_row, row_from_report
+    from muse_bench.leaderboard.rows import append_row, row_from_report
 
     path = leaderboard_path(out, report["corpus"])
     append_row(path, row_from_report(report), replace=replace)

@@ -24,9 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from muse_bench.distributed import Processes
-from muse_bench.errors import ConfigError
-from muse_bench.packing import pad_batch
+from muse_bench.core.distributed import Processes
+from muse_bench.core.errors import ConfigError
+from muse_bench.training.packing import pad_batch
 
 Batch = dict[str, torch.Tensor]
 

@@ -26,12 +26,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from muse_bench.distributed import Processes
-from muse_bench.errors import ConfigError, TrainingError
-from muse_bench.fsdp import FullyShardedModel
-from muse_bench.io import atomic_write_json
-from muse_bench.lora import LoraAdapters
-from muse_bench.models import save_model
+from muse_bench.core.distributed import Processes
+from muse_bench.core.errors import ConfigError, TrainingError
+from muse_bench.core.io import atomic_write_json
+from muse_bench.core.models import save_model
+from muse_bench.training.fsdp import FullyShardedModel
+from muse_bench.training.lora import LoraAdapters
 
 STATE_JSON = "trainer_state.json"
 STATE_TENSORS = "trainer_state.safetensors"
@@ -115,7 +115,7 @@ def _save_checkpoint(
 
     The optimizer state is `optimizer.state_dict()` (keyed by parameter index) unless
     `optimizer_state` is given: the whole state of a sharded run, keyed by parameter name
-    (`muse_bench.fsdp`). Either way it is saved as `optim.<key>.<name>` tensors.
+    (`muse_bench.training.fsdp`). Either way it is saved as `optim.<key>.<name>` tensors.
     """
     from safetensors.torch import save_file
 

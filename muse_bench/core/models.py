@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from muse_bench.errors import ConfigError, ModelError
+from muse_bench.core.errors import ConfigError, ModelError
 
 
 def quiet_transformers() -> None:

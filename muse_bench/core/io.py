@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from muse_bench.errors import MuseError
+from muse_bench.core.errors import MuseError
 
 
 def make_dirs(path: str | os.PathLike[str]) -> Path:

@@ -26,8 +26,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from muse_bench.errors import DataError, MuseError
-from muse_bench.io import atomic_write_text, file_lock, remove_stale_temps
+from muse_bench.core.errors import DataError, MuseError
+from muse_bench.core.io import atomic_write_text, file_lock, remove_stale_temps
 
 # The four MUSE metrics, in the order of MUSE's leaderboard CSV.
 METRICS: tuple[str, ...] = ("verbmem_f", "privleak", "knowmem_f", "knowmem_r")
@@ -455,13 +455,3 @@ def merge(
         header, rows = combine(csv_paths, allow_mixed=allow_mixed)
         atomic_write_text(out_path, _to_csv(header, rows))
     return len(rows)
-
-
-def render(csv_paths: Sequence[str | os.PathLike[str]], out_dir: str | os.PathLike[str]) -> Path:
-    """Write `out_dir/index.html` and its PNG plots for the given files; returns the page path.
-
-    Rows of different benchmarks are shown in separate tables and plots.
-    """
-    from muse_bench.leaderboard_render import render_site  # matplotlib loads only here
-
-    return render_site(csv_paths, out_dir)

@@ -3,16 +3,16 @@
 MUSE's recipe: forget and retain text packed into `max_len` chunks that start with BOS,
 each forget chunk paired with a retain chunk, AdamW at a constant learning rate, a
 checkpoint every epoch. On top of it this loop adds exact resume (model, optimizer and
-RNG state in safetensors, see `muse_bench.checkpoints` for the layout of `work_dir`), a
+RNG state in safetensors, see `muse_bench.training.checkpoints` for the layout of `work_dir`), a
 guard that stops on a non-finite loss, and `accelerate` so the same code runs on CPU, one
-GPU or several processes (DDP, see `muse_bench.distributed`: the optimisation does not
-depend on the number of processes), or sharded over them (`fsdp`, see `muse_bench.fsdp`).
+GPU or several processes (DDP, see `muse_bench.core.distributed`: the optimisation does not
+depend on the number of processes), or sharded over them (`fsdp`, see `muse_bench.training.fsdp`).
 
 Memory options, for 7B models on one GPU: LoRA adapters (`lora_rank`, see
-`muse_bench.lora`; merged into the weights before a model leaves the loop), gradient
+`muse_bench.training.lora`; merged into the weights before a model leaves the loop), gradient
 checkpointing, bf16 autocast, and for KL regularizers cached top-k reference
 distributions instead of a resident frozen copy (`ref_topk`, see
-`muse_bench.ref_logprobs`, which holds what losses read of the reference model).
+`muse_bench.training.ref_logprobs`, which holds what losses read of the reference model).
 """
 
 from __future__ import annotations
@@ -32,7 +32,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from muse_bench.checkpoints import (
+from muse_bench.core.distributed import Processes
+from muse_bench.core.errors import ConfigError, TrainingError
+from muse_bench.training.checkpoints import (
     STATE_JSON,
     STATE_TENSORS,
     _check_resumable,
@@ -44,12 +46,10 @@ from muse_bench.checkpoints import (
     completed_epochs,
     epoch_dir,
 )
-from muse_bench.distributed import Processes
-from muse_bench.errors import ConfigError, TrainingError
-from muse_bench.fsdp import FullyShardedModel
-from muse_bench.lora import LLAMA_LORA_TARGETS, LoraAdapters
-from muse_bench.packing import pack_texts, pad_batch
-from muse_bench.ref_logprobs import Batch, ReferenceProvider, RefTopK, _to, token_logprobs
+from muse_bench.training.fsdp import FullyShardedModel
+from muse_bench.training.lora import LLAMA_LORA_TARGETS, LoraAdapters
+from muse_bench.training.packing import pack_texts, pad_batch
+from muse_bench.training.ref_logprobs import Batch, ReferenceProvider, RefTopK, _to, token_logprobs
 
 __all__ = [
     "MIXED_PRECISIONS",
@@ -67,7 +67,7 @@ __all__ = [
     "resolve_mixed_precision",
     "train",
     # Re-exported from the modules they moved to, for tests and code written against
-    # `muse_bench.training` (losses, resume checks); new code imports them from there.
+    # `muse_bench.training.loop` (losses, resume checks); new code imports them from there.
     "Batch",
     "ReferenceProvider",
     "RefTopK",
@@ -131,7 +131,7 @@ class TrainConfig:
     lora_target_modules: tuple[str, ...] = LLAMA_LORA_TARGETS
     mixed_precision: str = "auto"
     ref_topk: int = 0
-    # Shard weights, gradients and optimizer state over the processes (muse_bench.fsdp).
+    # Shard weights, gradients and optimizer state over the processes (muse_bench.training.fsdp).
     fsdp: bool = False
 
 
@@ -307,7 +307,7 @@ def _make_accelerator(device: str):
             "configs/accelerate/fsdp.yaml (or -P fsdp=true under torchrun), or use "
             "configs/accelerate/ddp.yaml with -P gradient_checkpointing=true / -P lora_rank=16."
         )
-    # Under FSDP the loop shards the model itself (muse_bench.fsdp), never via prepare().
+    # Under FSDP the loop shards the model itself (muse_bench.training.fsdp), never via prepare().
     return accelerator, kind == "FSDP"
 
 
