@@ -1,4 +1,6 @@
-"""Evaluate a checkpoint on a task, and the cached retrain AUC that privleak needs.
+"""The reference stage of a run, and `muse eval`: the cached retrain AUC that privleak
+needs, and the evaluations of a checkpoint (the target and the retrain model), each cached
+by benchmark, weights and settings, so every later run reuses them.
 
 The retrain AUC is computed from the benchmark's real retrain model, never assumed, and
 cached with its provenance (model fingerprint, data fingerprint, attack, harness version).
@@ -9,7 +11,10 @@ reads and writes the cache (so all of them agree on whether to compute).
 from __future__ import annotations
 
 import json
+import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from muse_bench import __version__
 from muse_bench.core.distributed import on_main
@@ -19,6 +24,9 @@ from muse_bench.core.types import RetrainAUC
 from muse_bench.data import data_fingerprint
 from muse_bench.engines import make_engine
 from muse_bench.engines.sharded import shard
+from muse_bench.runner.config import RunConfig, check_model, run_device, safe_dir_name
+from muse_bench.runner.evaluation import eval_payload, evaluate_model, write_examples
+from muse_bench.runner.records import now_iso, publish, reuse_report, short_hash, versions
 from muse_bench.task import Task, local_model_dir, model_fingerprint
 
 # MUSE's published forget-vs-holdout Min-40% AUCs of its retrain models. Used for hub
@@ -107,3 +115,77 @@ def retrain_auc(
     entry = {"auc": result.auc, "attack": result.attack, "provenance": result.provenance}
     on_main(lambda: atomic_write_json(cache, entry))
     return result
+
+
+def eval_checkpoint(
+    cfg: RunConfig,
+    task: Task,
+    model_spec: str,
+    name: str,
+    rauc: RetrainAUC,
+    echo: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Evaluate one checkpoint (`muse eval`); cached by benchmark, weights and settings."""
+    path = check_model(model_spec, cfg)
+    identity = {
+        "benchmark": task.corpus.benchmark_id,
+        "model": model_fingerprint(path),
+        "attack": cfg.attack,
+        "seed": cfg.seed,
+        "n_bootstrap": cfg.n_bootstrap,
+        "retrain_auc": rauc.auc,
+    }
+    dir_name = safe_dir_name(name)
+    run_id = f"{dir_name}-{short_hash(identity)}"
+    run_dir = cfg.out / task.corpus.name / dir_name / run_id
+    report_path = run_dir / "report.json"
+    report = None if cfg.force else on_main(lambda: reuse_report(report_path, cfg.out))
+    if report is not None:
+        return report
+    start = time.time()
+    device = run_device(cfg.device)
+    engine, _ = open_engine(
+        str(path), cfg.engine, device, cfg.batch_size, cfg.allow_pickle, cfg.trust_remote_code
+    )
+    echo(f"evaluating {name} ({model_spec})")
+    result = evaluate_model(engine, task, rauc, cfg)
+
+    def save() -> dict[str, Any]:
+        """Write the examples, report and leaderboard row (main process only)."""
+        write_examples(run_dir, "eval", result)
+        report = {
+            "name": name,
+            "run_id": run_id,
+            "benchmark": task.corpus.benchmark_id,
+            "corpus": task.corpus.name,
+            "algo": name if name in ("target", "retrain") else "eval",
+            "params": {},
+            "protocol": "eval",
+            "seed": cfg.seed,
+            "selected": None,
+            "model": str(path),
+            "data_dir": str(task.corpus.data_dir),
+            "engine": cfg.engine,
+            "device": device,
+            **eval_payload(result),
+            "scale": None,
+            "sustain": None,
+            "versions": versions(),
+            "created": now_iso(),
+            "timings": {"total_s": round(time.time() - start, 2)},
+        }
+        atomic_write_json(report_path, report)
+        publish(report, cfg.out, replace=cfg.force)
+        return report
+
+    return on_main(save)
+
+
+def reference_reports(
+    cfg: RunConfig, task: Task, rauc: RetrainAUC, echo: Callable[[str], None] = print
+) -> dict[str, dict[str, Any]]:
+    """The target's and the retrain model's evaluations (cached; rows published once)."""
+    return {
+        which: eval_checkpoint(cfg, task, getattr(task.models, which), which, rauc, echo)
+        for which in ("target", "retrain")
+    }

@@ -1,0 +1,43 @@
+"""The evaluation stage: the six-way evaluation of one model, and what of it a report and
+the examples file keep."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from muse_bench.core.io import atomic_write_json
+from muse_bench.core.types import RetrainAUC
+from muse_bench.runner.config import RunConfig
+from muse_bench.task import Task
+
+#: The keys of an evaluation that a report keeps (the examples go to their own file).
+EVAL_KEYS = ("metrics", "ci", "attack", "attacks", "retrain_auc", "bootstrap")
+
+
+def evaluate_model(engine, task: Task, rauc: RetrainAUC, cfg: RunConfig):
+    """Evaluate the model behind `engine` on the task's corpus with the run's settings."""
+    from muse_bench.metrics.evaluate import evaluate
+
+    return evaluate(
+        engine,
+        task.corpus,
+        rauc,
+        attack=cfg.attack,
+        seed=cfg.seed,
+        n_bootstrap=cfg.n_bootstrap,
+        progress=cfg.progress,
+    )
+
+
+def write_examples(run_dir: Path, label: str, result) -> Path:
+    """Write an evaluation's generations (examples/<label>.json); returns the path."""
+    path = run_dir / "examples" / f"{label}.json"
+    atomic_write_json(path, result.to_dict()["examples"])
+    return path
+
+
+def eval_payload(result) -> dict[str, Any]:
+    """The part of an evaluation that a report or a request's result keeps."""
+    d = result.to_dict()
+    return {k: d[k] for k in EVAL_KEYS}

@@ -1,0 +1,69 @@
+"""The publishing stage's content: a run's report.json assembled from its requests'
+results and the reference evaluations."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from muse_bench.runner.evaluation import EVAL_KEYS
+from muse_bench.runner.plan import RunPlan
+from muse_bench.runner.records import now_iso, versions
+
+
+def fold_rows(
+    plan: RunPlan, results: dict[str, dict[str, Any]], protocol: str
+) -> list[dict[str, Any]] | None:
+    """One row per fold of a scale or sustain protocol (None when the run has none)."""
+    labels = [r.label for r in plan.requests if r.protocol == protocol]
+    if not labels:
+        return None
+    return [
+        {
+            "fold": results[lb]["fold"] if protocol != "sustain" else i,
+            "docs": results[lb]["docs"],
+            "tokens": results[lb]["tokens"],
+            "selected": results[lb]["selected"],
+            **results[lb]["metrics"],
+        }
+        for i, lb in enumerate(labels, 1)
+    ]
+
+
+def run_report(
+    plan: RunPlan,
+    results: dict[str, dict[str, Any]],
+    refs: dict[str, dict[str, Any]],
+    total_s: float,
+) -> dict[str, Any]:
+    """The report of a finished run: the main request's evaluation, its selection curve,
+    the references' metrics, the scale and sustain folds, versions and timings."""
+    cfg = plan.cfg
+    main = results["single_1"]
+    return {
+        "name": cfg.name or plan.algo_name,
+        "run_id": plan.run_id,
+        "benchmark": plan.task.corpus.benchmark_id,
+        "corpus": plan.task.corpus.name,
+        "algo": plan.algo_name,
+        "params": plan.resolved_params,
+        "protocol": cfg.protocol,
+        "seed": cfg.seed,
+        "select": cfg.select,
+        "selected": main["selected"],
+        "curve": main["curve"],
+        "model": main["model"],
+        "data_dir": str(plan.task.corpus.data_dir),
+        "source": cfg.source,
+        "engine": cfg.engine,
+        "device": plan.device,
+        **{k: main[k] for k in EVAL_KEYS},
+        "reference": {k: {"metrics": v["metrics"], "run_id": v["run_id"]} for k, v in refs.items()},
+        "scale": fold_rows(plan, results, "scale"),
+        "sustain": fold_rows(plan, results, "sustain"),
+        "versions": versions(),
+        "created": now_iso(),
+        "timings": {
+            "total_s": round(total_s, 2),
+            **{k: v["timings"] for k, v in results.items()},
+        },
+    }
