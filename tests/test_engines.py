@@ -299,20 +299,23 @@ def test_engine_runs_in_eval_mode_and_restores_it(tiny_tokenizer):
 
 
 def test_reserved_kv_cache_gives_the_same_logits_and_regrows(tiny_tokenizer):
+    from muse_bench.core.models import cache_keyword
     from muse_bench.engines.kv_reserve import ReservedLayer, reserve
 
     model = make_tiny_model(tiny_tokenizer, seed=2).eval()
     ids = torch.tensor([tiny_tokenizer("The council of Dunmere voted")["input_ids"]] * 2)
     steps = torch.randint(5, 300, (2, 6))
 
+    kw = cache_keyword(model)
+
     def decode(room: int | None) -> tuple[list[torch.Tensor], object]:
         with torch.no_grad():
             out = model(input_ids=ids, use_cache=True)
-            past = out.past_key_values if room is None else reserve(out.past_key_values, room)
+            past = getattr(out, kw) if room is None else reserve(getattr(out, kw), room)
             logits = [out.logits]
             for j in range(steps.shape[1]):
-                out = model(input_ids=steps[:, j : j + 1], past_key_values=past, use_cache=True)
-                past = out.past_key_values
+                out = model(input_ids=steps[:, j : j + 1], use_cache=True, **{kw: past})
+                past = getattr(out, kw)
                 logits.append(out.logits)
         return logits, past
 
@@ -364,3 +367,38 @@ def test_rows_that_stopped_early_return_no_pad_tokens(tiny_tokenizer):
     engine.pad_id = tiny_tokenizer.convert_tokens_to_ids("e")
     single = HFEngine(model=model, tokenizer=tiny_tokenizer, batch_size=1)
     assert engine.generate(PROMPTS, 24, stop=["e"]) == single.generate(PROMPTS, 24, stop=["e"])
+
+
+def test_cache_keyword_follows_the_forward_signature(tiny_tokenizer):
+    """The KV cache goes under the name the model's forward takes: `cache` for the
+    installed transformers' models (and pass-through wrappers), `past_key_values` for a
+    model written for the old name."""
+    from muse_bench.core.models import cache_keyword
+
+    model = make_tiny_model(tiny_tokenizer, seed=0)
+
+    class Old(torch.nn.Module):
+        def forward(self, input_ids, past_key_values=None, use_cache=False):
+            return None
+
+    class PassThrough(torch.nn.Module):
+        def forward(self, **kw):
+            return model(**kw)
+
+    assert cache_keyword(model) == "cache"
+    assert cache_keyword(Old()) == "past_key_values"
+    assert cache_keyword(PassThrough()) == "cache"
+
+
+def test_evaluation_calls_raise_no_deprecation_warning(tiny_tokenizer):
+    """Generation and scoring use the current transformers API: no FutureWarning or
+    DeprecationWarning (transformers announces removal of `past_key_values`)."""
+    import warnings
+
+    model = make_tiny_model(tiny_tokenizer, seed=0)
+    engine = make_engine("hf", model=model, tokenizer=tiny_tokenizer, device="cpu")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        warnings.simplefilter("error", DeprecationWarning)
+        engine.generate(["The council of", "A"] * 3, max_new_tokens=4)
+        engine.token_logprobs(["The council of Dunmere voted", "A short one"])

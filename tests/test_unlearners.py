@@ -242,15 +242,15 @@ def test_whp_logits_follow_the_formula_and_cache_decoding_matches(tiny_tokenizer
     with torch.no_grad():
         v_base, v_reinf = target(input_ids=ids).logits, reinforced(input_ids=ids).logits
         out = whp(ids, mask, None, None, False)
-        assert out.past_key_values is None
+        assert out.cache is None
         assert torch.allclose(out.logits, v_base - 3.0 * torch.relu(v_reinf - v_base), atol=1e-6)
         assert (out.logits <= v_base + 1e-6).all()
         # Incremental decoding through the pair of caches gives the same last logits.
         n = ids.shape[1]
         pos = torch.arange(n).unsqueeze(0)
         step1 = whp(ids[:, :-1], mask[:, :-1], pos[:, :-1], None, True)
-        step2 = whp(ids[:, -1:], mask, pos[:, -1:], step1.past_key_values, True)
-        assert isinstance(step2.past_key_values, tuple) and len(step2.past_key_values) == 2
+        step2 = whp(ids[:, -1:], mask, pos[:, -1:], step1.cache, True)
+        assert isinstance(step2.cache, tuple) and len(step2.cache) == 2
         assert torch.allclose(step2.logits[:, -1], out.logits[:, -1], atol=1e-5)
     assert whp.config is target.config and whp.device == target.device
 

@@ -12,6 +12,7 @@ from torch import nn
 
 from muse_bench.core.errors import ModelError
 from muse_bench.core.io import atomic_write_json
+from muse_bench.core.models import cache_keyword
 
 from .base import register_unlearner
 from .task_vector import ReinforcedSweep
@@ -24,7 +25,7 @@ class WHPOutput:
     """What `WHPModel.forward` returns: the steered logits and both models' caches."""
 
     logits: torch.Tensor
-    past_key_values: tuple[Any, Any] | None = None
+    cache: tuple[Any, Any] | None = None
 
 
 class WHPModel(nn.Module):
@@ -58,22 +59,23 @@ class WHPModel(nn.Module):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
-        past_key_values: tuple[Any, Any] | None = None,
+        cache: tuple[Any, Any] | None = None,
         use_cache: bool = False,
     ) -> WHPOutput:
-        base_cache, reinforced_cache = past_key_values or (None, None)
+        base_cache, reinforced_cache = cache or (None, None)
         common = {
             "input_ids": input_ids,
             "attention_mask": attention_mask,
             "position_ids": position_ids,
             "use_cache": use_cache,
         }
-        out_base = self.base(**common, past_key_values=base_cache)
-        out_reinforced = self.reinforced(**common, past_key_values=reinforced_cache)
+        base_kw, reinforced_kw = cache_keyword(self.base), cache_keyword(self.reinforced)
+        out_base = self.base(**common, **{base_kw: base_cache})
+        out_reinforced = self.reinforced(**common, **{reinforced_kw: reinforced_cache})
         v_base, v_reinforced = out_base.logits, out_reinforced.logits
         logits = v_base - self.alpha * torch.relu(v_reinforced - v_base)
-        cache = (out_base.past_key_values, out_reinforced.past_key_values) if use_cache else None
-        return WHPOutput(logits=logits, past_key_values=cache)
+        caches = (getattr(out_base, base_kw), getattr(out_reinforced, reinforced_kw))
+        return WHPOutput(logits=logits, cache=caches if use_cache else None)
 
     def save_pretrained(self, save_directory: str | Path, safe_serialization: bool = True) -> None:
         """Write base/, reinforced/ (safetensors) and whp.json with α."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 import os
 from pathlib import Path
 
@@ -166,3 +168,35 @@ def save_model(model, tokenizer, path: str | os.PathLike[str]) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return dest
+
+
+def forward_parameters(model) -> set[str]:
+    """The parameter names of `model.forward` (empty when they cannot be read)."""
+    forward = getattr(model, "forward", model)
+    try:
+        return set(inspect.signature(forward).parameters)
+    except (TypeError, ValueError):
+        return set()
+
+
+def cache_keyword(model) -> str:
+    """The name under which `model.forward` takes and returns its KV cache.
+
+    transformers 5 renamed `past_key_values` to `cache` (the old name is deprecated and
+    announced for removal); older releases, which vLLM's pins may bring, and wrappers
+    written for them use `past_key_values`. A pass-through wrapper that names neither
+    (`forward(**kwargs)`) gets the name the installed transformers' causal LMs take.
+    Callers pass and read the cache under this name.
+    """
+    params = forward_parameters(model)
+    for name in ("cache", "past_key_values"):
+        if name in params:
+            return name
+    return _installed_cache_keyword()
+
+
+@functools.cache
+def _installed_cache_keyword() -> str:
+    from transformers import LlamaForCausalLM
+
+    return "cache" if "cache" in forward_parameters(LlamaForCausalLM) else "past_key_values"

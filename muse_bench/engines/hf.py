@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -11,6 +10,7 @@ from typing import Any
 import torch
 
 from muse_bench.core.errors import ConfigError
+from muse_bench.core.models import cache_keyword, forward_parameters
 from muse_bench.engines.background import LANE, ScoringJob
 from muse_bench.engines.base import (
     DECODE_KWARGS,
@@ -109,15 +109,16 @@ class HFEngine:
     """Batched greedy generation and per-token log-probs for a causal LM module.
 
     The model is only ever called as
-    `model(input_ids=, attention_mask=, position_ids=, past_key_values=, use_cache=)` and only
-    `.logits` and `.past_key_values` of the result are read, so a wrapper module that
-    implements just that forward (an inference-time unlearner such as WHP) works too.
-    Generation uses `use_cache=True` (with `past_key_values=None` on the first step, then
+    `model(input_ids=, attention_mask=, position_ids=, cache=, use_cache=)` and only
+    `.logits` and `.cache` of the result are read, so a wrapper module that
+    implements just that forward (an inference-time unlearner such as WHP) works too. A model
+    whose forward has no `cache` parameter (transformers before the rename, or a wrapper
+    written for it) is called and read with `past_key_values` instead (`cache_keyword`).
+    Generation uses `use_cache=True` (with `cache=None` on the first step, then
     whatever cache object the model returned); when all prompts of a batch share a long
     token prefix, the prefix is run once for one row and its cache repeated to the batch
     (only for caches with `batch_repeat_interleave`, or tuples of them). Scoring uses
-    `past_key_values=None,
-    use_cache=False`. Models whose forward names a `logits_to_keep` parameter (Hugging Face
+    `cache=None, use_cache=False`. Models whose forward names a `logits_to_keep` parameter (Hugging Face
     causal LMs) also get `logits_to_keep=1` while generating, to save memory. The model
     runs in eval mode; its previous mode is restored afterwards.
 
@@ -184,12 +185,9 @@ class HFEngine:
         self.eos_ids = self._eos_ids()
         # Only the last position's logits are needed while generating; pass the hint
         # only to models that name it (plain wrappers get the plain forward call).
-        forward = getattr(model, "forward", model)
-        try:
-            params = inspect.signature(forward).parameters
-        except (TypeError, ValueError):
-            params = {}
+        params = forward_parameters(model)
         self._logits_to_keep = "logits_to_keep" in params
+        self._cache_kw = cache_keyword(model)
 
     def _eos_ids(self) -> list[int]:
         """EOS ids of the tokenizer and of the model's generation config (as model.generate)."""
@@ -271,11 +269,11 @@ class HFEngine:
                 input_ids=input_ids,
                 attention_mask=attention_mask,
                 position_ids=position_ids,
-                past_key_values=past,
                 use_cache=True,
+                **{self._cache_kw: past},
                 **extra,
             )
-            past = out.past_key_values
+            past = getattr(out, self._cache_kw)
             if step == 0:  # room for the tokens to come: no cache copy per step
                 past = reserve(past, max_new_tokens - 1)
             token = out.logits[:, -1, :].argmax(dim=-1)
@@ -332,11 +330,11 @@ class HFEngine:
             input_ids=ids,
             attention_mask=torch.ones_like(ids),
             position_ids=torch.arange(shared, device=self.device)[None, :],
-            past_key_values=None,
             use_cache=True,
+            **{self._cache_kw: None},
             **extra,
         )
-        cache = out.past_key_values
+        cache = getattr(out, self._cache_kw)
         if not _cache_can(cache, "batch_repeat_interleave"):
             return 0, None
         _cache_apply(cache, "batch_repeat_interleave", len(rows))
@@ -411,8 +409,8 @@ class HFEngine:
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=None,
             use_cache=False,
+            **{self._cache_kw: None},
         ).logits
         out: list[TokenScores] = []
         for b, row in enumerate(rows):
