@@ -186,8 +186,6 @@ def make_engine(
     directory holding both. `max_length` caps the tokens per sequence (default: the
     model's maximum number of positions).
     """
-    import muse_bench.engines  # noqa: F401  (registers the built-in engines)
-
     cls = ENGINES.get(name)
     return cls(
         model=model,
