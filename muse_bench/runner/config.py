@@ -41,6 +41,7 @@ class RunConfig:
     trust_remote_code: bool = False
     progress: bool = True
     hub_source: str | None = None
+    flush_denormal: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -95,3 +96,10 @@ def check_model(spec: str, cfg: RunConfig) -> Path:
 def safe_dir_name(label: str) -> str:
     """`label` as one harmless path component (no separators, no leading dot)."""
     return re.sub(r"[^A-Za-z0-9_.+-]+", "_", label).strip("._") or "model"
+
+
+def apply_numerics(cfg: RunConfig) -> dict[str, bool]:
+    """Set the process-wide float settings of `cfg`; returns what the report records."""
+    from muse_bench.core.numerics import set_flush_denormal
+
+    return {"flush_denormal": set_flush_denormal(cfg.flush_denormal)}

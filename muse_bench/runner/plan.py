@@ -11,7 +11,13 @@ from typing import Any
 from muse_bench.core.distributed import Processes, main_only, start_processes
 from muse_bench.core.types import ForgetRequest
 from muse_bench.protocols import requests as protocol_requests
-from muse_bench.runner.config import RunConfig, check_config, check_model, safe_dir_name
+from muse_bench.runner.config import (
+    RunConfig,
+    apply_numerics,
+    check_config,
+    check_model,
+    safe_dir_name,
+)
 from muse_bench.runner.records import short_hash
 from muse_bench.task import Task, resolve_task
 
@@ -31,6 +37,7 @@ class RunPlan:
     resolved_params: dict[str, Any]
     run_id: str
     dir: Path
+    numerics: dict[str, bool]
 
     @property
     def lock_path(self) -> Path:
@@ -43,6 +50,7 @@ def plan_run(cfg: RunConfig, echo: Callable[[str], None] = print) -> RunPlan:
 
     # Every check comes before the first file is written: a bad command changes nothing.
     device = check_config(cfg)
+    numerics = apply_numerics(cfg)
     procs = start_processes(device)
     task = resolve_task(cfg.corpus, cfg.source, cfg.target, cfg.retrain, cfg.hub_source)
     requests = tuple(protocol_requests(cfg.protocol, task.corpus))
@@ -64,6 +72,7 @@ def plan_run(cfg: RunConfig, echo: Callable[[str], None] = print) -> RunPlan:
         "select": cfg.select,
         "attack": cfg.attack,
         "models": asdict(task.models),
+        "flush_denormal": cfg.flush_denormal,
     }
     run_id = f"{algo_name}-{short_hash(identity)}"
     return RunPlan(
@@ -78,4 +87,5 @@ def plan_run(cfg: RunConfig, echo: Callable[[str], None] = print) -> RunPlan:
         resolved_params=resolved,
         run_id=run_id,
         dir=cfg.out / task.corpus.name / safe_dir_name(algo_name) / run_id,
+        numerics=numerics,
     )

@@ -24,7 +24,13 @@ from muse_bench.core.types import RetrainAUC
 from muse_bench.data import data_fingerprint
 from muse_bench.engines import make_engine
 from muse_bench.engines.sharded import shard
-from muse_bench.runner.config import RunConfig, check_model, run_device, safe_dir_name
+from muse_bench.runner.config import (
+    RunConfig,
+    apply_numerics,
+    check_model,
+    run_device,
+    safe_dir_name,
+)
 from muse_bench.runner.evaluation import eval_payload, evaluate_model, write_examples
 from muse_bench.runner.records import now_iso, publish, reuse_report, short_hash, versions
 from muse_bench.task import Task, local_model_dir, model_fingerprint
@@ -134,6 +140,7 @@ def eval_checkpoint(
         "seed": cfg.seed,
         "n_bootstrap": cfg.n_bootstrap,
         "retrain_auc": rauc.auc,
+        "flush_denormal": cfg.flush_denormal,
     }
     dir_name = safe_dir_name(name)
     run_id = f"{dir_name}-{short_hash(identity)}"
@@ -144,6 +151,7 @@ def eval_checkpoint(
         return report
     start = time.time()
     device = run_device(cfg.device)
+    numerics = apply_numerics(cfg)
     engine, _ = open_engine(
         str(path), cfg.engine, device, cfg.batch_size, cfg.allow_pickle, cfg.trust_remote_code
     )
@@ -167,6 +175,7 @@ def eval_checkpoint(
             "data_dir": str(task.corpus.data_dir),
             "engine": cfg.engine,
             "device": device,
+            "numerics": numerics,
             **eval_payload(result),
             "scale": None,
             "sustain": None,

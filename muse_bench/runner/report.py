@@ -56,6 +56,7 @@ def run_report(
         "source": cfg.source,
         "engine": cfg.engine,
         "device": plan.device,
+        "numerics": plan.numerics,
         **{k: main[k] for k in EVAL_KEYS},
         "reference": {k: {"metrics": v["metrics"], "run_id": v["run_id"]} for k, v in refs.items()},
         "scale": fold_rows(plan, results, "scale"),
