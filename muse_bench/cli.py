@@ -119,19 +119,16 @@ def cli() -> None:
 @cli.command("list")
 def list_cmd() -> None:
     """List unlearners (with hyperparameters), corpora and metrics."""
-    from muse_bench.core.hparams import describe
+    from muse_bench.catalogue import load
     from muse_bench.data import CORPORA, embedded_dir, embedded_models_dir, load_corpus
-    from muse_bench.engines import ENGINES
-    from muse_bench.metrics.mia import available_attacks
-    from muse_bench.unlearners import UNLEARNERS
 
-    click.echo("Unlearners (muse run --algo NAME -P key=value):")
-    for name in UNLEARNERS.names():
-        cls = UNLEARNERS.get(name)
-        doc = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
-        click.echo(f"  {name:10s} {doc}")
-        for pname, ptype, default, phelp in describe(cls):
-            click.echo(f"      {pname}={default!r} ({ptype}) {phelp}")
+    listing = load()
+    click.echo("Unlearners (muse run --algo NAME -P key=value; default = MUSE 7B recipe):")
+    for method in listing["unlearners"]:
+        click.echo(f"  {method['name']:10s} {method['description']}")
+        for p in method["params"]:
+            embedded = f"; embedded {p['embedded']}" if p["embedded"] is not None else ""
+            click.echo(f"      {p['name']}={p['default']} ({p['type']}{embedded}) {p['help']}")
     click.echo("\nCorpora (--corpus NAME; --source embedded|hub|DIR):")
     for name in CORPORA:
         c = load_corpus(name) if embedded_dir(name).is_dir() else None
@@ -151,10 +148,8 @@ def list_cmd() -> None:
     click.echo("\nMetrics:")
     for name, text in METRIC_HELP.items():
         click.echo(f"  {name:10s} {text}")
-    click.echo(
-        f"\nMIA attacks (--attack): {', '.join(available_attacks(with_stats=True, with_ref=True))}"
-    )
-    click.echo(f"Engines (--engine): {', '.join(ENGINES.names())}")
+    click.echo(f"\nMIA attacks (--attack): {', '.join(listing['attacks'])}")
+    click.echo(f"Engines (--engine): {', '.join(listing['engines'])}")
 
 
 @cli.command()

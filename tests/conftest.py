@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
 import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# `muse list` caches its listing: keep the suite's out of the user's cache directory.
+os.environ.setdefault("MUSE_CACHE_DIR", tempfile.mkdtemp(prefix="muse-test-cache-"))
 # Tiny models: one thread is fastest, and far faster when the cores are shared.
 torch.set_num_threads(1)
 
