@@ -33,10 +33,11 @@ def run_report(
     plan: RunPlan,
     results: dict[str, dict[str, Any]],
     refs: dict[str, dict[str, Any]],
-    total_s: float,
+    timings: dict[str, float],
 ) -> dict[str, Any]:
     """The report of a finished run: the main request's evaluation, its selection curve,
-    the references' metrics, the scale and sustain folds, versions and timings."""
+    the references' metrics, the scale and sustain folds, versions and timings (the run's
+    stages in `timings`: total_s, references_s; each request's under its label)."""
     cfg = plan.cfg
     main = results["single_1"]
     return {
@@ -64,7 +65,7 @@ def run_report(
         "versions": versions(),
         "created": now_iso(),
         "timings": {
-            "total_s": round(total_s, 2),
+            **{k: round(v, 2) for k, v in timings.items()},
             **{k: v["timings"] for k, v in results.items()},
         },
     }

@@ -116,13 +116,17 @@ def unlearn_request(
         return value
 
     candidates = plan.unlearner.candidates(model, tok, req, _context(plan, req))
-    chosen, curve = select_candidate(candidates, score, threshold, plan.cfg.select, cached)
+    chosen, curve, epoch_timings = select_candidate(
+        candidates, score, threshold, plan.cfg.select, cached
+    )
     unlearn_s = time.time() - start
     engine = engine_for(plan, chosen.model, tok, req.label)
     result = evaluate_model(engine, plan.task, rauc, plan.cfg)
+    final_eval_s = time.time() - start - unlearn_s
 
     def save() -> dict[str, Any]:
         """Write the examples, the chosen model and result.json (main process only)."""
+        saving = time.time()
         write_examples(plan.dir, req.label, result)
         keep_model = req.protocol == "single" or req.protocol == "sustain"
         model_path = save_model(chosen.model, tok, req_dir / "model") if keep_model else None
@@ -138,9 +142,12 @@ def unlearn_request(
             **eval_payload(result),
             "timings": {
                 "unlearn_s": round(unlearn_s, 2),
+                "epochs": epoch_timings,
+                "final_eval_s": round(final_eval_s, 2),
                 "total_s": round(time.time() - start, 2),
             },
         }
+        out["timings"]["write_s"] = round(time.time() - saving, 2)
         atomic_write_json(req_dir / "result.json", out)
         shutil.rmtree(req_dir / "ckpt", ignore_errors=True)
         shutil.rmtree(req_dir / "engine_model", ignore_errors=True)
