@@ -183,10 +183,11 @@ class Page:
         return result["result"].get("value")
 
     def click(self, selector: str) -> None:
-        """A real mouse click (pressed + released) at the centre of the element."""
+        """A real mouse click (pressed + released) at the centre of the element (of its
+        first line box, for a link that wraps)."""
         box = self.js(
             f"(function(){{var e=document.querySelector({json.dumps(selector)});"
-            "e.scrollIntoView({block:'center'});var r=e.getBoundingClientRect();"
+            "e.scrollIntoView({block:'center'});var r=e.getClientRects()[0];"
             "return {x:r.left+r.width/2,y:r.top+r.height/2};})()"
         )
         for kind in ("mousePressed", "mouseReleased"):
@@ -317,7 +318,7 @@ def test_table_is_visible_and_escaped(page: Page) -> None:
             "return [c.querySelector('.v').textContent, c.title];",
         )
     )
-    assert cell == ["41.0", "95% interval 36.9 – 45.1"]
+    assert cell == ["41.0", "95% interval 36.9 to 45.1"]
 
 
 def test_plots_load(page: Page) -> None:
@@ -454,6 +455,17 @@ def test_method_names_link_to_papers(page: Page) -> None:
     assert by_name[XSS][1].startswith("NPO: L =")
     assert by_name["target"] == (None, None) and by_name["retrain"] == (None, None)
     assert by_name["my method"] == (None, None)  # not a registered unlearner
+
+
+def test_glossary_is_collapsed_after_the_tables(page: Page) -> None:
+    state = page.js(
+        "(function(){var g=document.getElementById('glossary');var t=document.querySelectorAll("
+        "'table.leaderboard');return {open:g.open,after:t[t.length-1].compareDocumentPosition(g)"
+        "===Node.DOCUMENT_POSITION_FOLLOWING};})()"
+    )
+    assert state == {"open": False, "after": True}
+    page.click('a[href="#glossary"]')
+    assert page.js("document.getElementById('glossary').open") is True
 
 
 def test_no_script_errors_and_screenshot(page: Page, tmp_path: Path) -> None:

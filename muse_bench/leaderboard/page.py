@@ -235,7 +235,7 @@ def _e(text: str) -> str:
 
 def _interval(row: Row, column: str) -> str:
     lo, hi = _float(row.get(f"{column}_ci_lo")), _float(row.get(f"{column}_ci_hi"))
-    return f"{fmt(lo)} – {fmt(hi)}" if lo is not None and hi is not None else ""
+    return f"{fmt(lo)} to {fmt(hi)}" if lo is not None and hi is not None else ""
 
 
 def _metric_cell(row: Row, col: Column, refs: Mapping[str, Row]) -> str:
@@ -347,7 +347,8 @@ def _table(
 
 def _glossary(groups: set[str]) -> str:
     items = [
-        f"<dt>{_e(label)} {_e(ARROWS[d])} <code>{_e(m)}</code> ({_e(title)})</dt><dd>{_e(text)}</dd>"
+        f"<dt>{_e(label)} {_e(ARROWS[d])} <code>{_e(m)}</code>"
+        f"{f' ({_e(title)})' if title != label else ''}</dt><dd>{_e(text)}</dd>"
         for m, (label, title, d, text) in METRIC_HELP.items()
     ]
     if "robust" in groups:
@@ -380,7 +381,8 @@ def _glossary(groups: set[str]) -> str:
         "<dt>Details</dt><dd>▸ opens a row's bookkeeping: settings, selected epoch or α, "
         "seed, harness version, date and run id.</dd>",
         "<dt>Sorting and filtering</dt><dd>Click a column header to sort (again to "
-        "reverse); the filter box keeps the methods whose name contains its text.</dd>",
+        "reverse); the filter box keeps the methods whose name or algorithm contains its "
+        "text (the target and retrain rows stay). Click a plot to open it full size.</dd>",
     ]
     return (
         '<details class="glossary" id="glossary"><summary>What the columns and colours '
@@ -409,7 +411,7 @@ def _controls(benchmarks: Sequence[str], groups: set[str]) -> str:
 
 _SCALE = (
     '<span class="scale" aria-hidden="true">'
-    + "".join(f'<i style="background:{shade(s / 4)}"></i>' for s in range(5))
+    + "".join(f'<i style="background:{shade(s / 4)}"></i>' for s in range(4, -1, -1))
     + "</span>"
 )
 
@@ -454,7 +456,7 @@ td.empty{color:#aaa}
 .show-ci .ci{display:block}
 tr.details td{background:#fafbfc;font-size:.85rem}
 tr.details dl{display:grid;grid-template-columns:max-content 1fr;gap:.15rem 1rem;margin:.2rem 0;
- max-width:70rem}
+ width:0;min-width:100%}
 tr.details dt{color:#57606a}tr.details dd{margin:0;overflow-wrap:anywhere}
 .kv{display:inline-block;margin-right:.6rem}.kv b{font-weight:500}
 .hide-muse .g-muse,.hide-robust .g-robust,.hide-extra .g-extra{display:none}
@@ -550,6 +552,10 @@ _JS = """
       document.body.classList.toggle('hide-' + box.getAttribute('data-group'), !box.checked);
     });
   });
+  var glossary = document.getElementById('glossary');
+  each(document.querySelectorAll('a[href="#glossary"]'), function (a) {
+    a.addEventListener('click', function () { glossary.open = true; });
+  });
   document.getElementById('show-ci').addEventListener('change', function (e) {
     document.body.classList.toggle('show-ci', e.target.checked);
   });
@@ -580,9 +586,10 @@ def build_html(
         table, table_groups = _table(rows, f"table-{i}", papers)
         used |= table_groups
         figures = "".join(
-            f'<figure class="{_e(name.split("_", 1)[0])}"><img src="{_e(name)}" alt="'
+            f'<figure class="{_e(name.split("_", 1)[0])}"><a href="{_e(name)}">'
+            f'<img src="{_e(name)}" alt="'
             f'{_e(_FIGURE_ALT.get(name.split("_", 1)[0], "plot"))} for {_e(benchmark)}">'
-            "</figure>"
+            "</a></figure>"
             for name in images.get(benchmark, ())
         )
         methods = sum(r.get("algo") not in REFERENCE_ALGOS for r in rows)
