@@ -569,19 +569,22 @@ def test_tradeoff_labels_do_not_overlap() -> None:
     assert overlapping(label_boxes(fig))
 
 
-def test_repel_hand_computed() -> None:
-    # two labels on one anchor: pushed apart vertically by half the overlap each
-    centres = plots.repel(np.array([[100.0, 100.0]] * 2), np.array([[40.0, 10.0]] * 2),
-                          (0, 0, 400, 400), gap=2.0, offset=5.0)  # fmt: skip
-    # start: anchor + half size + offset = (125, 110); y overlap 10 + gap 2 = 12
-    assert centres.tolist() == [[125.0, 104.0], [125.0, 116.0]]
-    # an obstacle over the label: pushed out along y (overlaps 10 and 10), then by 1 more
-    centres = plots.repel(np.array([[100.0, 100.0]]), np.array([[40.0, 10.0]]),
-                          (0, 0, 400, 400), [(120, 105, 130, 115)], gap=2.0)  # fmt: skip
-    assert centres.tolist() == [[125.0, 121.0]]
-    # near the right edge a label starts on the left of its anchor
-    centres = plots.repel(np.array([[390.0, 100.0]]), np.array([[40.0, 10.0]]), (0, 0, 400, 400))
-    assert centres.tolist() == [[365.0, 110.0]]
+def test_place_labels_hand_computed() -> None:
+    size, bounds = np.array([[40.0, 10.0]]), (0, 0, 400, 400)
+    # two labels on one anchor: the first up-right of it (anchor + half size + offset 6);
+    # the second not right of it (1 px short of the 2 px gap) but down-right
+    centres = plots.place_labels(np.array([[100.0, 100.0]] * 2), np.repeat(size, 2, 0), bounds)
+    assert centres.tolist() == [[126.0, 111.0], [126.0, 100.0 - 5 - 6]]
+    # an obstacle up-right and 1 px into the "right" spot: down-right again
+    centres = plots.place_labels(np.array([[100.0, 100.0]]), size, bounds, [(120, 105, 130, 115)])
+    assert centres.tolist() == [[126.0, 89.0]]
+    # near the right edge the label is clamped inside the bounds (above its point)
+    centres = plots.place_labels(np.array([[390.0, 100.0]]), size, bounds, [(385, 95, 395, 105)])
+    assert centres.tolist() == [[380.0, 111.0]]
+    # placed top-down: the higher anchor gets the preferred spot whatever the input order
+    centres = plots.place_labels(np.array([[100.0, 90.0], [100.0, 100.0]]), np.repeat(size, 2, 0),
+                                 bounds)  # fmt: skip
+    assert centres[1].tolist() == [126.0, 111.0]
 
 
 @pytest.mark.parametrize(

@@ -2,9 +2,10 @@
 
 Every function takes the rows of one benchmark (column -> cell text, as read from a
 leaderboard CSV) and returns a `Figure`, or None when the rows hold no data for it.
-Point labels on the trade-off plot are placed by `repel`, a small deterministic
-repulsion in display pixels, so labels of methods that land on the same spot (several
-methods at knowmem_f 0) do not print over each other or over the points.
+Point labels on the trade-off plot are placed by `place_labels`, a deterministic search
+for a free spot around each point in display pixels, so labels of methods that land
+close together (several methods at knowmem_f 0) do not print over each other or over
+the points; points on the very same spot share one label.
 """
 
 from __future__ import annotations
@@ -115,76 +116,69 @@ def _reference_lines(ax: Any, rows: Sequence[Row], horizontal: bool, vertical: b
 # ------------------------------------------------------------------------ label placement
 
 
-def _overlap(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
-    """How far boxes a and b (x0, y0, x1, y1) overlap along x and along y (> 0 both: they do)."""
-    return min(a[2], b[2]) - max(a[0], b[0]), min(a[3], b[3]) - max(a[1], b[1])
+#: Where a label may go around its point, in order of preference: (dx, dy) directions.
+_DIRECTIONS = ((1, 1), (1, 0), (1, -1), (-1, 1), (-1, 0), (-1, -1), (0, 1), (0, -1))
+#: Extra distances (pixels) tried, nearest first, when no spot next to the point is free.
+_RADII = (0, 6, 12, 20, 30, 42, 56, 72, 90, 110, 135, 165, 200, 240)
 
 
-def repel(
+def _overlaps(box: np.ndarray, others: np.ndarray) -> np.ndarray:
+    """Overlap area of `box` (x0, y0, x1, y1) with each row of `others` (0 where apart)."""
+    if not len(others):
+        return np.zeros(0)
+    w = np.minimum(box[2], others[:, 2]) - np.maximum(box[0], others[:, 0])
+    h = np.minimum(box[3], others[:, 3]) - np.maximum(box[1], others[:, 1])
+    return np.clip(w, 0, None) * np.clip(h, 0, None)
+
+
+def place_labels(
     anchors: np.ndarray,
     sizes: np.ndarray,
     bounds: tuple[float, float, float, float],
     obstacles: Iterable[Sequence[float]] = (),
     *,
     gap: float = 2.0,
-    offset: float = 5.0,
-    steps: int = 500,
-    start: np.ndarray | None = None,
+    offset: float = 6.0,
 ) -> np.ndarray:
     """Centres for label boxes near their anchors, apart from each other and from obstacles.
 
     `anchors` (n, 2) and `sizes` (n, 2: width, height) are in display pixels; `bounds` is
-    the (x0, y0, x1, y1) box the labels must stay in, `obstacles` boxes they must not
-    cover (the plotted points). Each label starts `offset` px up and right of its anchor
-    (left when that leaves the bounds); then, until nothing overlaps or `steps` run out,
-    every overlapping pair is pushed apart by the overlap (plus `gap`) along the axis
-    where it is smaller (labels on one spot keep their anchors' order), a label
-    covering an obstacle is pushed out of it the same way,
-    and labels are clamped into the bounds. Deterministic: remaining ties break by label order.
+    the (x0, y0, x1, y1) box the labels must stay in; `obstacles` are boxes they must not
+    cover (the plotted points). Labels are placed one by one, from the highest anchor down
+    (ties: left first): for each,
+    the first free spot among the `_DIRECTIONS` around its anchor (`offset` px away, the
+    box's near corner or edge towards the point), trying each of the `_RADII` farther out
+    in turn, each spot clamped into the bounds; a spot is free when the box, grown by
+    `gap`/2 on every side, overlaps no label placed before (grown alike, so labels stay
+    `gap` apart) and no obstacle. When no spot is free, the one with
+    the least overlap is taken. Deterministic; O(n² · spots), fast for hundreds of labels.
     """
-    n = len(anchors)
+    anchors = np.asarray(anchors, dtype=float)
     half = np.asarray(sizes, dtype=float) / 2
-    centre = np.asarray(anchors, dtype=float) + half + offset
-    too_far = centre[:, 0] + half[:, 0] > bounds[2]
-    centre[too_far, 0] = anchors[too_far, 0] - half[too_far, 0] - offset
-    if start is not None:
-        centre = np.array(start, dtype=float)
-    blocks = [np.asarray(o, dtype=float) for o in obstacles]
-
-    def box(i: int) -> np.ndarray:
-        return np.concatenate([centre[i] - half[i] - gap / 2, centre[i] + half[i] + gap / 2])
-
-    for _ in range(steps):
-        moved = False
-        for i in range(n):
-            for j in range(i + 1, n):
-                ox, oy = _overlap(box(i), box(j))
-                if ox <= 0 or oy <= 0:
-                    continue
-                axis, amount = (1, oy) if oy <= ox else (0, ox)
-                diff = centre[j, axis] - centre[i, axis]
-                if (
-                    abs(diff) < 1e-9
-                ):  # stacked: keep the anchors' order, so leader lines don't cross
-                    diff = anchors[j, axis] - anchors[i, axis]
-                sign = 1.0 if diff >= 0 else -1.0
-                centre[i, axis] -= sign * amount / 2
-                centre[j, axis] += sign * amount / 2
-                moved = True
-            for block in blocks:
-                ox, oy = _overlap(box(i), block)
-                if ox <= 0 or oy <= 0:
-                    continue
-                mid = (block[:2] + block[2:]) / 2
-                axis, amount = (1, oy) if oy <= ox else (0, ox)
-                centre[i, axis] += amount if centre[i, axis] >= mid[axis] else -amount
-                moved = True
-        lo = np.array(bounds[:2]) + half
-        hi = np.maximum(np.array(bounds[2:]) - half, lo)
-        centre = np.clip(centre, lo, hi)
-        if not moved:
-            break
-    return centre
+    blocks = np.array([list(o) for o in obstacles], dtype=float).reshape(-1, 4)
+    lo_bound, hi_bound = np.array(bounds[:2], dtype=float), np.array(bounds[2:], dtype=float)
+    placed = np.zeros((0, 4))
+    centres = np.zeros_like(anchors)
+    # top to bottom (then left to right): in a column of points the labels keep its order
+    for i in np.lexsort((anchors[:, 0], -anchors[:, 1])):
+        anchor, h = anchors[i], half[i]
+        best, best_cost = None, np.inf
+        for radius in _RADII:
+            for dx, dy in _DIRECTIONS:
+                step = np.array([dx, dy], dtype=float)
+                centre = anchor + step * (h + offset + radius)
+                centre = np.clip(centre, lo_bound + h, np.maximum(hi_bound - h, lo_bound + h))
+                box = np.concatenate([centre - h - gap / 2, centre + h + gap / 2])
+                cost = _overlaps(box, placed).sum() + _overlaps(box, blocks).sum()
+                if cost < best_cost:
+                    best, best_cost = centre, cost
+                if cost == 0:
+                    break
+            if best_cost == 0:
+                break
+        centres[i] = best
+        placed = np.vstack([placed, np.concatenate([best - h - gap / 2, best + h + gap / 2])])
+    return centres
 
 
 def _merge_coincident(
@@ -203,30 +197,8 @@ def _merge_coincident(
     return [(x, y, ", ".join(names)) for x, y, names in merged]
 
 
-def _stacks(anchors: np.ndarray, centres: np.ndarray, sizes: np.ndarray, near: float = 40.0
-            ) -> list[np.ndarray]:  # fmt: skip
-    """Groups of labels stacked in one column (their boxes share x) for nearby points."""
-    n = len(anchors)
-    group = list(range(n))
-
-    def root(i: int) -> int:
-        while group[i] != i:
-            i = group[i]
-        return i
-
-    for i in range(n):
-        for j in range(i + 1, n):
-            share_x = abs(centres[i, 0] - centres[j, 0]) < (sizes[i, 0] + sizes[j, 0]) / 2
-            if share_x and np.hypot(*(anchors[i] - anchors[j])) <= near:
-                group[root(j)] = root(i)
-    members: dict[int, list[int]] = {}
-    for i in range(n):
-        members.setdefault(root(i), []).append(i)
-    return [np.array(m) for m in members.values() if len(m) > 1]
-
-
 def _place_labels(fig: Figure, ax: Any, points: list[tuple[float, float, str]]) -> None:
-    """Annotate each (x, y, label) on `ax`, placed by `repel`; call once the layout is final."""
+    """Annotate each (x, y, label) on `ax`, placed by `place_labels`; call once the layout is final."""
     if not points:
         return
     style = {"fontsize": 8, "ha": "center", "va": "center", "zorder": 4}
@@ -242,17 +214,11 @@ def _place_labels(fig: Figure, ax: Any, points: list[tuple[float, float, str]]) 
     radius = 5.0  # about a marker's half-width: labels must not hide the points
     obstacles = [(px - radius, py - radius, px + radius, py + radius) for px, py in anchors]
     bounds = (frame.x0 + 2, frame.y0 + 2, frame.x1 - 2, frame.y1 - 2)
-    centres = repel(anchors, sizes, bounds, obstacles)
-    # Pushing can stack a cluster's labels in another order than their points; give each
-    # stack's slots back in its points' vertical order (leader lines then do not cross).
-    for stack in _stacks(anchors, centres, sizes):
-        slots = np.sort(centres[stack, 1])
-        centres[stack[np.argsort(anchors[stack, 1], kind="stable")], 1] = slots
-    centres = repel(anchors, sizes, bounds, obstacles, start=centres)
+    centres = place_labels(anchors, sizes, bounds, obstacles)
     to_points = 72.0 / fig.dpi
     for (x, y, label), anchor, centre, size in zip(points, anchors, centres, sizes, strict=True):
         nearest = np.clip(anchor, centre - size / 2, centre + size / 2)
-        far = float(np.hypot(*(nearest - anchor))) > 7  # then a leader line shows whose it is
+        far = float(np.hypot(*(nearest - anchor))) > 12  # then a leader line shows whose it is
         ax.annotate(
             label,
             (x, y),
