@@ -3,18 +3,26 @@
 from __future__ import annotations
 
 import csv
+import html
 import json
 import multiprocessing
+import re
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.text import Text
 from PIL import Image
 
 from muse_bench.core.errors import DataError, MuseError
 from muse_bench.leaderboard import page as lbr
+from muse_bench.leaderboard import plots
 from muse_bench.leaderboard import rows as lb
+from muse_bench.unlearners import UNLEARNERS
 
 BENCH = "muse-news@embedded-v1"
 
@@ -475,19 +483,40 @@ def board(tmp_path: Path) -> Path:
     )
 
 
+def label_boxes(fig: Any) -> list[tuple[str, Any]]:
+    """Each text label of the figure's first axes with its text's box in display pixels
+    (Text's own extent: an annotation's would include its leader line)."""
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    renderer = canvas.get_renderer()
+    return [(t.get_text(), Text.get_window_extent(t, renderer)) for t in fig.axes[0].texts]
+
+
+def overlapping(boxes: list[tuple[str, Any]]) -> list[tuple[str, str]]:
+    return [
+        (a, b)
+        for i, (a, box_a) in enumerate(boxes)
+        for b, box_b in boxes[i + 1 :]
+        if min(box_a.x1, box_b.x1) > max(box_a.x0, box_b.x0)
+        and min(box_a.y1, box_b.y1) > max(box_a.y0, box_b.y0)
+    ]
+
+
 def test_figures_have_labels_and_points(board: Path) -> None:
     rows = lb.read_csv(board)[1]
-    fig = lbr.tradeoff_figure(rows, BENCH)
+    fig = plots.tradeoff_figure(rows, BENCH)
     ax = fig.axes[0]
     assert "knowmem_f" in ax.get_xlabel() and "knowmem_r" in ax.get_ylabel()
     assert BENCH in ax.get_title()
     labels = [t.get_text() for t in ax.texts]
-    assert {"target", "retrain", "npo"} <= set(labels)
-    assert "<b>GA</b> & co" in labels
-    legend = [t.get_text() for t in ax.get_legend().get_texts()]
+    # ga, npo and npo_klr share one point (30.0, 41.25): one label names all three
+    assert sorted(labels) == sorted(
+        ["target", "retrain", "<b>GA</b> & co, npo, \\$\\frac{x\\$_oops"]
+    )
+    legend = [t.get_text() for t in fig.legends[0].get_texts()]
     assert "target" in legend and "retrain" in legend
 
-    scale = lbr.scale_figure(rows, BENCH)
+    scale = plots.scale_figure(rows, BENCH)
     assert scale is not None
     sax = scale.axes[0]
     assert sax.get_xlabel() == "Forget-set size (documents)" and "knowmem_r" in sax.get_ylabel()
@@ -495,13 +524,148 @@ def test_figures_have_labels_and_points(board: Path) -> None:
     assert list(lines["npo"].get_xdata()) == [889, 1778, 2667]
     assert list(lines["npo"].get_ydata()) == [45.0, 40.0, 35.0]
 
-    sustain = lbr.sustain_figure(rows, BENCH)
+    sustain = plots.sustain_figure(rows, BENCH)
     assert sustain is not None
     assert sustain.axes[0].get_xlabel() == "Number of unlearning requests"
     gax = {line.get_label(): line for line in sustain.axes[0].get_lines()}
     assert list(gax["<b>GA</b> & co"].get_xdata()) == [1, 2, 3, 4]
 
-    assert lbr.scale_figure([r for r in rows if not r["scale"]], BENCH) is None
+    assert plots.scale_figure([r for r in rows if not r["scale"]], BENCH) is None
+
+
+def crowded_rows() -> list[dict[str, str]]:
+    """Target, retrain and twelve methods crowded near the origin, as on the embedded runs."""
+    cells = [("target", "target", 83.3, 59.2), ("retrain", "retrain", 0.0, 75.0)]
+    cells += [(f"method_{i}", f"m{i}", (i % 3) * 0.6, (i // 3) * 1.5) for i in range(12)]
+    return [
+        lb.row_from_report(
+            report(f"r{i}", algo=algo, name=name, metrics={
+                "verbmem_f": 10.0, "privleak": -50.0, "knowmem_f": kf, "knowmem_r": kr})
+        )
+        for i, (name, algo, kf, kr) in enumerate(cells)
+    ]  # fmt: skip
+
+
+def test_tradeoff_labels_do_not_overlap() -> None:
+    rows = crowded_rows()
+    fig = plots.tradeoff_figure(rows, BENCH)
+    boxes = label_boxes(fig)
+    assert {n for text, _ in boxes for n in text.split(", ")} == {r["name"] for r in rows}
+    assert overlapping(boxes) == []
+    renderer = FigureCanvasAgg(fig).get_renderer()
+    frame = fig.axes[0].get_window_extent(renderer)
+    points = fig.axes[0].transData.transform(
+        [(float(r["knowmem_f"]), float(r["knowmem_r"])) for r in rows]
+    )
+    for text, box in boxes:
+        assert frame.x0 <= box.x0 and box.x1 <= frame.x1, text  # inside the axes
+        assert frame.y0 <= box.y0 and box.y1 <= frame.y1, text
+        for px, py in points:  # and not over any point
+            assert not (box.x0 < px < box.x1 and box.y0 < py < box.y1), (text, px, py)
+    # the data is hard: the same labels at one fixed offset from their points do collide
+    ax = fig.axes[0]
+    for t in ax.texts:
+        t.set_position((5, 5))
+    assert overlapping(label_boxes(fig))
+
+
+def test_place_labels_hand_computed() -> None:
+    size, bounds = np.array([[40.0, 10.0]]), (0, 0, 400, 400)
+    # two labels on one anchor: the first up-right of it (anchor + half size + offset 6);
+    # the second not right of it (1 px short of the 2 px gap) but down-right
+    centres = plots.place_labels(np.array([[100.0, 100.0]] * 2), np.repeat(size, 2, 0), bounds)
+    assert centres.tolist() == [[126.0, 111.0], [126.0, 100.0 - 5 - 6]]
+    # an obstacle up-right and 1 px into the "right" spot: down-right again
+    centres = plots.place_labels(np.array([[100.0, 100.0]]), size, bounds, [(120, 105, 130, 115)])
+    assert centres.tolist() == [[126.0, 89.0]]
+    # near the right edge the label is clamped inside the bounds (above its point)
+    centres = plots.place_labels(np.array([[390.0, 100.0]]), size, bounds, [(385, 95, 395, 105)])
+    assert centres.tolist() == [[380.0, 111.0]]
+    # placed top-down: the higher anchor gets the preferred spot whatever the input order
+    centres = plots.place_labels(np.array([[100.0, 90.0], [100.0, 100.0]]), np.repeat(size, 2, 0),
+                                 bounds)  # fmt: skip
+    assert centres[1].tolist() == [126.0, 111.0]
+
+
+@pytest.mark.parametrize(
+    "value, target, retrain, direction, expected",
+    [
+        (50.0, 80.0, 20.0, "down", 0.5),  # halfway from the retrain's 20 to the target's 80
+        (10.0, 80.0, 20.0, "down", 0.0),  # below the retrain's value: as good
+        (95.0, 80.0, 20.0, "down", 1.0),  # beyond the target: capped
+        (22.5, 20.0, 20.0, "down", 0.5),  # references agree: MIN_SPAN (5) is the scale
+        (-50.0, -100.0, 3.0, "zero", 0.5),  # privleak: distance from 0, not from 3
+        (150.0, -100.0, 0.0, "zero", 1.0),  # over-unlearning counts too
+        (-2.5, -100.0, 0.0, "zero", 0.025),
+        (29.6, 59.2, 75.0, "up", 0.5),  # half of the lower reference's utility lost
+        (80.0, 59.2, 75.0, "up", 0.0),
+        (0.0, 59.2, 75.0, "up", 1.0),
+    ],
+)
+def test_closeness(
+    value: float, target: float, retrain: float, direction: str, expected: float
+) -> None:
+    assert lbr.closeness(value, target, retrain, direction) == pytest.approx(expected)
+
+
+def test_fmt_and_shade() -> None:
+    assert [lbr.fmt(x) for x in (77.7778, -99.84, -0.04, 0.0, 100.0)] == [
+        "77.8", "−99.8", "0.0", "0.0", "100.0"
+    ]  # fmt: skip
+    assert lbr.shade(0.0).startswith("hsl(120,") and lbr.shade(1.0).startswith("hsl(0,")
+    assert lbr.shade(0.5).startswith("hsl(60,")
+
+
+def test_robustness_columns_are_recognised() -> None:
+    assert plots.robustness_column("knowmem_f_quant4") == ("knowmem_f", "quant4")
+    assert plots.robustness_column("verbmem_f_relearn_all") == ("verbmem_f", "relearn_all")
+    for column in ("knowmem_f", "knowmem_f_ci_lo", "knowmem_f_quant4_ci_hi", "knowmem_r_quant4"):
+        assert plots.robustness_column(column) is None
+    rows = [{"knowmem_f_quant4": "", "knowmem_f_relearn": "3.0", "verbmem_f_quant8": "1"}]
+    assert plots.robustness_checks(rows) == ["relearn", "quant8"]  # quant4 never ran
+
+
+ROBUST = ["verbmem_f_quant4", "knowmem_f_quant4", "es_f", "note"]
+
+
+def robust_board(path: Path) -> Path:
+    """A board with a robustness check (values per row), an extra metric and a text column."""
+    specs = [("t", "target", 63.9, "70.0"), ("r", "retrain", 33.1, "35.0"), ("g", "ga", 30.0, "2.5"),
+             ("n", "npo", 48.5, "")]  # fmt: skip
+    rows = []
+    for run_id, algo, knowmem_f, after in specs:
+        row = lb.row_from_report(
+            report(
+                run_id,
+                algo=algo,
+                metrics={
+                    "verbmem_f": 58.4,
+                    "knowmem_f": knowmem_f,
+                    "privleak": -99.8,
+                    "knowmem_r": 55.2,
+                },
+            )
+        )
+        extra = {"verbmem_f_quant4": after, "knowmem_f_quant4": after, "es_f": "12.5",
+                 "note": f"note {run_id}"}  # fmt: skip
+        rows.append([*(row[c] for c in lb.COLUMNS), *(extra[c] for c in ROBUST)])
+    return write_raw(path, [*lb.COLUMNS, *ROBUST], rows)
+
+
+def test_robustness_figure_values(tmp_path: Path) -> None:
+    rows = lb.read_csv(robust_board(tmp_path / "r.csv"))[1]
+    fig = plots.robustness_figure(rows, BENCH)
+    assert fig is not None
+    ax_v, ax_k = fig.axes
+    assert (ax_v.get_title(), ax_k.get_title()) == ("verbmem_f", "knowmem_f")
+    assert [t.get_text() for t in ax_v.get_yticklabels()] == ["target", "retrain", "ga", "npo"]
+    ys = dict(zip([t.get_text() for t in ax_v.get_yticklabels()], ax_k.get_yticks(), strict=True))
+    points = {tuple(p) for c in ax_k.collections for p in c.get_offsets().tolist()}
+    assert (30.0, ys["ga"]) in points and (2.5, ys["ga"]) in points  # before and after quant4
+    assert (48.5, ys["npo"]) in points  # npo: before only (the check did not run)
+    assert not any(y == ys["npo"] and x != 48.5 for x, y in points)
+    assert plots.robustness_figure(lb.read_csv(make_csv(tmp_path / "p.csv", report("p")))[1],
+                                   BENCH) is None  # fmt: skip
 
 
 def _assert_png(path: Path) -> None:
@@ -514,7 +678,10 @@ def _assert_png(path: Path) -> None:
 
 
 def test_render_writes_page_and_plots(board: Path, tmp_path: Path) -> None:
-    books = make_csv(tmp_path / "books.csv", report("b", benchmark="hub:muse-bench/MUSE-Books@abc"))
+    books = make_csv(
+        tmp_path / "books.csv",
+        report("b", benchmark="hub:muse-bench/MUSE-Books@abc", ci={"knowmem_r": [39.04, 43.46]}),
+    )
     out = tmp_path / "site"
     page = lbr.render([board, books], out)
     assert page == out / "index.html"
@@ -529,15 +696,102 @@ def test_render_writes_page_and_plots(board: Path, tmp_path: Path) -> None:
         _assert_png(out / f"{name}.png")
         assert f'src="{name}.png"' in text
     assert not (out / f"scale_{books_slug}.png").exists()  # no scale data for that benchmark
+    assert not (out / f"robustness_{news_slug}.png").exists()  # no robustness columns
     assert text.count('<table class="leaderboard"') == 2
     assert "&lt;b&gt;GA&lt;/b&gt; &amp; co" in text and "<b>GA</b>" not in text
     for metric in lb.METRICS:
         assert f'data-column="{metric}" data-type="number"' in text
-        assert f"<dt>{metric} (" in text
+        assert f"<code>{metric}</code>" in text  # explained in the glossary
+    # one decimal; the interval on hover and in a hidden second line, never "[lo, hi]"
+    assert '<span class="v">12.3</span>' in text and ">12.3457" not in text  # raw: data-sort
+    assert 'title="95% interval 39.0 to 43.5"' in text and "[39.0" not in text
+    # results first: the glossary is a collapsed <details> after the last table
+    assert text.index('<details class="glossary"') > text.rindex("</table>")
     assert "lower is better" in text.lower() and "higher is better" in text.lower()
+    # bookkeeping lives in the details rows, not in columns
+    for column in ("harness_version", "date", "run_id", "seed", "params"):
+        assert f'data-column="{column}"' not in text
+    assert text.count('<tr class="details" hidden>') == 6
+    assert "2025-03-01T12:00:00+00:00" in text and "<b>beta</b>=0.1" in text
+    # only the robustness / extra groups that exist get a toggle
+    assert 'data-group="muse"' in text and 'data-group="robust"' not in text
+    # nothing loaded from elsewhere: the only URLs are the papers' links
     assert "<script>" in text and "<style>" in text
-    assert "http://" not in text and "https://" not in text  # nothing fetched from the network
+    for needle in ("<script src", "<link", "@import", "url(", "<iframe"):
+        assert needle not in text
+    assert re.findall(r"https?://[^\s\"<>]+", text) == re.findall(r'href="(https?://[^"]+)"', text)
     assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_render_links_method_names_to_papers(board: Path, tmp_path: Path) -> None:
+    text = lbr.render([board], tmp_path / "site").read_text()
+    npo = UNLEARNERS.get("npo")
+    assert (
+        f'<a href="https://arxiv.org/abs/2404.05868" title="{html.escape(npo.description())}"'
+        in text
+    )
+    assert '<a href="https://arxiv.org/abs/2407.06460"' in text  # ga (named "<b>GA</b> & co")
+    assert text.count('<a href="https://') == 3  # ga, npo, npo_klr
+    assert '<th scope="row" class="name" data-sort="target"><span>target</span>' in text
+
+
+def test_paper_links_come_from_the_registry() -> None:
+    expected = {
+        "ga": "https://arxiv.org/abs/2407.06460",
+        "ga_gdr": "https://arxiv.org/abs/2407.06460",
+        "ga_klr": "https://arxiv.org/abs/2407.06460",
+        "npo": "https://arxiv.org/abs/2404.05868",
+        "npo_gdr": "https://arxiv.org/abs/2404.05868",
+        "npo_klr": "https://arxiv.org/abs/2404.05868",
+        "tv": "https://arxiv.org/abs/2212.04089",
+        "whp": "https://arxiv.org/abs/2310.02238",
+    }
+    links = lbr.paper_links([*expected, "target", "retrain", "nope", "os:system", ""])
+    assert {k: url for k, (url, _) in links.items()} == expected
+    assert all(
+        about == UNLEARNERS.get(k).description() and about for k, (_, about) in links.items()
+    )
+
+
+def test_page_module_does_not_import_torch() -> None:
+    code = (
+        "import sys, muse_bench.leaderboard.page, muse_bench.leaderboard.plots; "
+        "print('torch' in sys.modules)"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert proc.stdout.strip() == "False"
+
+
+def test_render_shades_from_target_to_retrain(board: Path, tmp_path: Path) -> None:
+    text = lbr.render([board], tmp_path / "site").read_text()
+
+    def cell(run_id: str, index: int) -> str:
+        row = text.split(f'data-run-id="{run_id}"', 1)[1].split("</tr>", 1)[0]
+        return row.split("<td", index + 2)[index + 1]
+
+    # knowmem_f is the third metric column; the methods sit at 30.0 (< retrain's 33.1)
+    assert "background:hsl(0," in cell("t", 3) and "background:hsl(120," in cell("r", 3)
+    assert "background:hsl(120," in cell("n", 3)
+    # verbmem_f 12.3457 between retrain 20.8 and target 58.4: below the retrain, green
+    assert "background:hsl(120," in cell("n", 1)
+    # privleak -45.5 against the target's -99.8: 45.5 / 99.8 of the way to red
+    assert f"background:{lbr.shade(45.5 / 99.8)}" in cell("n", 2)
+
+
+def test_render_robustness_and_extra_columns(tmp_path: Path) -> None:
+    out = tmp_path / "site"
+    text = lbr.render([robust_board(tmp_path / "r.csv")], out).read_text()
+    _assert_png(out / f"robustness_{lbr.slug(BENCH)}.png")
+    assert 'data-group="robust"' in text and 'data-group="extra"' in text
+    assert 'data-column="knowmem_f_quant4"' in text and "after quant4" in text
+    assert 'class="num g-extra" data-column="es_f"' in text
+    assert 'data-column="note"' not in text and "note g" in text  # a text column: details only
+    # shaded against the attacked references: ga's 2.5 is below the retrain's 35.0
+    ga = text.split('data-run-id="g"', 1)[1].split("</tr>", 1)[0]
+    assert ga.count("background:hsl(120,") >= 2
+    # the robustness plot goes away when the columns do
+    lbr.render([make_csv(tmp_path / "plain.csv", report("p"))], out)
+    assert not (out / f"robustness_{lbr.slug(BENCH)}.png").exists()
 
 
 def test_render_drops_stale_plots(board: Path, tmp_path: Path) -> None:

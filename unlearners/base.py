@@ -95,6 +95,9 @@ class Unlearner(ABC):
     #: Per-benchmark overrides of the dataclass defaults, merged along the MRO;
     #: see `defaults_for`.
     benchmark_defaults: ClassVar[Mapping[str, Mapping[str, Any]]] = {}
+    #: The paper that introduced (or defines) the method; the leaderboard page links the
+    #: method's name to it, with `description()` on hover. Empty: no link.
+    paper_url: ClassVar[str] = ""
 
     def __post_init__(self) -> None:
         self.validate()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 from .base import GDR, KLR, GradientUnlearner, register_unlearner
 from .losses import token_nll
@@ -13,6 +14,8 @@ from .losses import token_nll
 class GA(GradientUnlearner):
     """Gradient ascent: L = −NLL(forget)."""
 
+    paper_url: ClassVar[str] = "https://arxiv.org/abs/2407.06460"
+
     def loss(self, model, forget, retain, ref):
         return -token_nll(model, forget)
 
@@ -22,8 +25,12 @@ class GA(GradientUnlearner):
 class GA_GDR(GDR, GA):
     """GA plus gradient descent on the retain set: L = −NLL(forget) + w·NLL(retain)."""
 
+    paper_url: ClassVar[str] = "https://arxiv.org/abs/2407.06460"
+
 
 @register_unlearner("ga_klr")
 @dataclass(kw_only=True)
 class GA_KLR(KLR, GA):
     """GA plus a KL regularizer to the target model on retain tokens."""
+
+    paper_url: ClassVar[str] = "https://arxiv.org/abs/2407.06460"

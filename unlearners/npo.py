@@ -16,6 +16,8 @@ from .losses import npo_loss, sequence_logprob
 class NPO(GradientUnlearner):
     """NPO: L = −(2/β)·mean log σ(−β·(log p_θ(x) − log p_ref(x)))."""
 
+    paper_url: ClassVar[str] = "https://arxiv.org/abs/2404.05868"
+
     needs_ref_logprobs: ClassVar[bool] = True
     beta: float = field(default=0.1, metadata={"help": "Inverse temperature β of NPO (MUSE: 0.1)."})
 
@@ -32,8 +34,12 @@ class NPO(GradientUnlearner):
 class NPO_GDR(GDR, NPO):
     """NPO plus gradient descent on the retain set."""
 
+    paper_url: ClassVar[str] = "https://arxiv.org/abs/2404.05868"
+
 
 @register_unlearner("npo_klr")
 @dataclass(kw_only=True)
 class NPO_KLR(KLR, NPO):
     """NPO plus a KL regularizer to the target model on retain tokens."""
+
+    paper_url: ClassVar[str] = "https://arxiv.org/abs/2404.05868"

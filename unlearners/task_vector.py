@@ -117,6 +117,8 @@ class ReinforcedSweep(Unlearner):
 class TaskVector(ReinforcedSweep):
     """Task vector negation: θ = θ_target − α·(θ_ft − θ_target)."""
 
+    paper_url: ClassVar[str] = "https://arxiv.org/abs/2212.04089"
+
     def sweep(self, target, reinforced):
         candidate = copy.deepcopy(target)
         pairs = list(zip(target.parameters(), reinforced.parameters(), strict=True))

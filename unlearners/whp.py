@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -122,6 +122,8 @@ def load_unlearned(path: str | Path, device: str | torch.device | None = "cpu"):
 @dataclass(kw_only=True)
 class WHP(ReinforcedSweep):
     """Who's Harry Potter: steer logits away from a model reinforced on the forget set."""
+
+    paper_url: ClassVar[str] = "https://arxiv.org/abs/2310.02238"
 
     alphas: tuple[float, ...] = field(
         default=(1.0, 2.0, 4.0, 8.0, 16.0),
