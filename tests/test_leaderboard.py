@@ -228,6 +228,18 @@ def test_append_keeps_unknown_columns(tmp_path: Path) -> None:
     assert [r["note"] for r in rows] == ["keep me", ""]
 
 
+def test_append_a_row_with_an_extra_column_the_file_already_has(tmp_path: Path) -> None:
+    """A second row carrying the same extra column writes it once, not twice."""
+    path = tmp_path / "x.csv"
+    for run_id in ("a", "b"):
+        row = {**lb.row_from_report(report(run_id)), "knowmem_f_quant4": "12.5"}
+        assert lb.append_row(path, row)
+    header, rows = lb.read_csv(path)
+    assert header.count("knowmem_f_quant4") == 1
+    assert [r["knowmem_f_quant4"] for r in rows] == ["12.5", "12.5"]
+    assert lb.validate(path) == []
+
+
 def _append_many(path: str, worker: int, start: Any) -> None:
     start.wait()
     for i in range(20):

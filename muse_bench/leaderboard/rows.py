@@ -231,7 +231,7 @@ def _to_csv(header: Sequence[str], rows: Iterable[Mapping[str, str]]) -> str:
 
 def _header_for(existing: Sequence[str]) -> list[str]:
     """Our columns, then any extra columns an existing file carries (kept, not dropped)."""
-    return [*COLUMNS, *(c for c in existing if c not in COLUMNS)]
+    return [*COLUMNS, *dict.fromkeys(c for c in existing if c not in COLUMNS)]
 
 
 # -------------------------------------------------------------------------- validation
