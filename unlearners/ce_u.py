@@ -13,7 +13,7 @@ from .losses import ceu_target_logits, next_token_logits, soft_cross_entropy, to
 @register_unlearner("ce_u")
 @dataclass(kw_only=True)
 class CEU(GradientUnlearner):
-    """CE-U: mean_t CE(q, p_θ), q = sg[p_θ] with the true token's mass moved to the others."""
+    """CE-U: L = mean_t CE(q, p_θ), q = sg[p_θ] renormalised without the true token."""
 
     paper_url: ClassVar[str] = "https://arxiv.org/abs/2503.01224"
     # Calibrated on embedded news (notes/methods_a.md): with no retain term it collapses

@@ -43,7 +43,7 @@ class SimNPOForget(GradientUnlearner):
 @register_unlearner("simnpo")
 @dataclass(kw_only=True)
 class SimNPO(GDR, SimNPOForget):
-    """SimNPO: w_f·−(2/β)·mean log σ(β·(NLL̄(x) − δ)) + w_r·NLL(retain), no reference model."""
+    """SimNPO: L = −(2/β)·mean log σ(β·(NLL(x)/|x| − δ)) + w·NLL(retain); no reference model."""
 
     paper_url: ClassVar[str] = "https://arxiv.org/abs/2410.07163"
     # Calibrated on embedded news (notes/methods_a.md): at GDR's 1e-3 knowmem_r falls to 9 by

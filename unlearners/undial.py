@@ -16,7 +16,7 @@ from .losses import next_token_logits, soft_cross_entropy, token_count, undial_t
 @register_unlearner("undial")
 @dataclass(kw_only=True)
 class UNDIAL(GradientUnlearner):
-    """UNDIAL: mean_t CE(softmax(z_ref − β·e_y), p_θ) on forget tokens (adjusted distillation)."""
+    """UNDIAL: L = mean_t CE(softmax(z_ref − β·e_y), p_θ), distilling the original minus the true token."""
 
     paper_url: ClassVar[str] = "https://arxiv.org/abs/2402.10052"
     needs_ref_model: ClassVar[bool] = True

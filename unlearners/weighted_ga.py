@@ -63,7 +63,7 @@ class WGAForget(WeightedGAForget):
 @register_unlearner("wga")
 @dataclass(kw_only=True)
 class WGA(GDR, WGAForget):
-    """WGA: w_f·mean_t sg[p_t^β]·log p_t(forget) + w_r·NLL(retain), weighted gradient ascent."""
+    """WGA: L = mean_t sg[p_t^β]·log p_t on forget tokens + w·NLL(retain) (weighted GA)."""
 
     paper_url: ClassVar[str] = "https://arxiv.org/abs/2502.19301"
     # Calibrated on embedded news (notes/methods_a.md): at GDR's 1e-3 knowmem_r falls to 41
@@ -100,7 +100,7 @@ class SatImpForget(WeightedGAForget):
 @register_unlearner("satimp")
 @dataclass(kw_only=True)
 class SatImp(GDR, SatImpForget):
-    """SatImp: w_f·mean_t sg[p^β1·(1−p)^β2]·log p_t(forget) + w_r·NLL(retain)."""
+    """SatImp: L = mean_t sg[p_t^β1·(1−p_t)^β2]·log p_t on forget tokens + w·NLL(retain)."""
 
     paper_url: ClassVar[str] = "https://arxiv.org/abs/2505.11953"
     # Calibrated on embedded news (notes/methods_a.md): at 1e-3 ten epochs reach knowmem_f
