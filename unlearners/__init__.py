@@ -22,13 +22,18 @@ from .base import (
     get_unlearner_class,
     register_unlearner,
 )
+from .ce_u import CEU
 from .ga import GA, GA_GDR, GA_KLR
 from .losses import kl_divergence, npo_loss, reference_kl, sequence_logprob, token_nll
 from .npo import NPO, NPO_GDR, NPO_KLR
+from .simnpo import SimNPO
 from .task_vector import FinetuneNLL, ReinforcedSweep, TaskVector
+from .undial import UNDIAL
+from .weighted_ga import WGA, SatImp
 from .whp import WHP, WHPModel, WHPOutput, load_unlearned
 
 __all__ = [
+    "CEU",
     "EMBEDDED",
     "GA",
     "GA_GDR",
@@ -38,13 +43,17 @@ __all__ = [
     "NPO",
     "NPO_GDR",
     "NPO_KLR",
+    "UNDIAL",
     "UNLEARNERS",
+    "WGA",
     "WHP",
     "Candidate",
     "FinetuneNLL",
     "GradientUnlearner",
     "ReinforcedSweep",
     "RetainRegularized",
+    "SatImp",
+    "SimNPO",
     "TaskVector",
     "UnlearnContext",
     "Unlearner",

@@ -18,7 +18,13 @@ from torch import nn
 from muse_bench.training.ref_logprobs import Batch, ReferenceProvider, RefTopK, token_logprobs
 
 __all__ = [
+    "ceu_target_logits",
     "kl_divergence",
+    "next_token_logits",
+    "simnpo_loss",
+    "soft_cross_entropy",
+    "undial_target_logits",
+    "weighted_logprob_mean",
     "topk_kl_divergence",
     "npo_loss",
     "reference_kl",
@@ -119,3 +125,83 @@ def npo_loss(logp: torch.Tensor, ref_logp: torch.Tensor, beta: float) -> torch.T
     """
     ratio = logp - ref_logp.to(logp.dtype)
     return -(2.0 / beta) * F.logsigmoid(-beta * ratio).mean()
+
+
+# ---------------------------------------------------------------- methods after MUSE (SPEC-methods)
+
+
+def simnpo_loss(
+    logp: torch.Tensor, lengths: torch.Tensor, beta: float, delta: float
+) -> torch.Tensor:
+    """SimNPO's forget term (Fan et al., 2024): −(2/β) · mean log σ(β·(NLL̄ − δ)).
+
+    `logp` is each sequence's summed token log-likelihood S(x), `lengths` its number of
+    scored tokens |y| (both `[B]`), so NLL̄ = −S(x)/|y|. This is the paper's
+    −(2/β)·log σ(−(β/|y|)·S(x) − γ) with margin γ = β·δ; the mean is over sequences.
+    """
+    mean_nll = -logp / lengths.to(logp.dtype).clamp(min=1)
+    return -(2.0 / beta) * F.logsigmoid(beta * (mean_nll - delta)).mean()
+
+
+def weighted_logprob_mean(
+    logp: torch.Tensor,
+    mask: torch.Tensor,
+    weight: torch.Tensor,
+    count: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Token mean of sg[weight] · log p_t over the positions in `mask` (WGA, SatImp).
+
+    `logp`, `mask` and `weight` are `[B, T]`; the weight is detached here, so only
+    log p_t carries a gradient: gradient ascent with each token scaled by its weight.
+    `count` replaces the number of positions as the divisor (see `token_count`).
+    """
+    return _masked_mean(weight.detach() * logp, mask, count)
+
+
+def next_token_logits(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """The model's logits at every position that predicts a token, `[B, T-1, V]`, and
+    the labels they predict, `[B, T-1]` (-100 on padding)."""
+    logits = model(
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
+    ).logits[:, :-1]
+    return logits, batch["labels"][:, 1:]
+
+
+def soft_cross_entropy(
+    target_logits: torch.Tensor,
+    logits: torch.Tensor,
+    mask: torch.Tensor,
+    count: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Token mean over `mask` of CE(q, p_θ) = −Σ_v q(v)·log p_θ(v), q = softmax(target_logits).
+
+    `target_logits` and `logits` are `[B, T, V]`; the target is detached (sg[q]), and a
+    target logit of −inf gives that token zero target mass. Computed in fp32.
+    """
+    q = F.softmax(target_logits.detach().float(), dim=-1)
+    logp = F.log_softmax(logits.float(), dim=-1)
+    # 0·log p = 0 where q has no mass, even if log p underflowed to −inf.
+    per_token = -torch.where(q > 0, q * logp, 0.0).sum(-1)
+    return _masked_mean(per_token, mask, count)
+
+
+def _label_index(labels: torch.Tensor) -> torch.Tensor:
+    # -100 (padding) would index from the end of the vocabulary: point it at token 0 instead;
+    # the loss masks those positions out.
+    return labels.clamp(min=0).unsqueeze(-1)
+
+
+def undial_target_logits(
+    ref_logits: torch.Tensor, labels: torch.Tensor, beta: float
+) -> torch.Tensor:
+    """UNDIAL's target (Dong et al., 2025): the reference logits with β subtracted from the
+    true next token's logit, z − β·e_y, in fp32. `ref_logits` `[B, T, V]`, `labels` `[B, T]`."""
+    target = ref_logits.detach().float()
+    index = _label_index(labels)
+    return target.scatter_add(-1, index, torch.full_like(index, -beta, dtype=target.dtype))
+
+
+def ceu_target_logits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """CE-U's target (Yang, 2025): the model's own detached logits with the true next
+    token's set to −inf, so the target puts no mass on it. Shapes as `undial_target_logits`."""
+    return logits.detach().float().scatter(-1, _label_index(labels), -math.inf)
