@@ -20,11 +20,15 @@ from .base import (
     Unlearner,
     chunk_length,
     get_unlearner_class,
+    read_model_config,
     register_unlearner,
 )
 from .ga import GA, GA_GDR, GA_KLR
+from .idk import IdkDPO, IdkNLL
 from .losses import kl_divergence, npo_loss, reference_kl, sequence_logprob, token_nll
 from .npo import NPO, NPO_GDR, NPO_KLR
+from .pdu import PDU
+from .rmu import RMU
 from .task_vector import FinetuneNLL, ReinforcedSweep, TaskVector
 from .whp import WHP, WHPModel, WHPOutput, load_unlearned
 
@@ -38,6 +42,10 @@ __all__ = [
     "NPO",
     "NPO_GDR",
     "NPO_KLR",
+    "PDU",
+    "RMU",
+    "IdkDPO",
+    "IdkNLL",
     "UNLEARNERS",
     "WHP",
     "Candidate",
@@ -57,6 +65,7 @@ __all__ = [
     "load_unlearned",
     "npo_loss",
     "parse_params",
+    "read_model_config",
     "reference_kl",
     "register_unlearner",
     "sequence_logprob",

@@ -348,7 +348,7 @@ class Run:
     """
 
     def __init__(self, cfg: RunConfig, echo: Callable[[str], None] = print) -> None:
-        from muse_bench.unlearners import get_unlearner_class, parse_params
+        from muse_bench.unlearners import get_unlearner_class, parse_params, read_model_config
 
         # Every check comes before the first file is written: a bad command changes nothing.
         self.device = check_config(cfg)
@@ -365,6 +365,8 @@ class Run:
         self.algo_name = self.cls.name()
         for which in ("target", "retrain"):
             check_model(getattr(self.task.models, which), cfg)
+        # checks of hyperparameters against the model's shape (RMU's layer), before any work
+        self.unlearner.check_model(read_model_config(local_model_dir(self.task.models.target)))
         resolved = asdict(self.unlearner)
         identity = {
             "benchmark": self.task.corpus.benchmark_id,
