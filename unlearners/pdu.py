@@ -15,7 +15,7 @@ import torch
 
 from muse_bench.core.distributed import Processes
 from muse_bench.core.hparams import require
-from muse_bench.data import HUB_DATASETS, embedded_benchmark_id
+from muse_bench.data import HUB_DATASETS
 from muse_bench.training.hooks import TrainHooks
 
 from .base import EMBEDDED, GradientUnlearner, register_unlearner
@@ -114,9 +114,7 @@ class PDU(GradientUnlearner):
         _hub_id("news"): {"eps": 1.5},
         _hub_id("books"): {"eps": 0.1},
         # calibrated on the embedded benchmarks (notes/methods_b.md)
-        EMBEDDED: {"lr": 1e-3, "retain_weight": 1.0, "dual_warmup_epochs": 1},
-        embedded_benchmark_id("news"): {"eps": 1.0},
-        embedded_benchmark_id("books"): {"eps": 1.0},
+        EMBEDDED: {"lr": 1e-3, "eps": 1.0, "retain_weight": 1.0, "dual_warmup_epochs": 1},
     }
 
     eps: float | None = field(
