@@ -108,12 +108,14 @@ def test_rmu_control_vector_is_seeded_nonnegative_and_of_norm_c():
 
 
 def test_block_output_is_hf_hidden_state_of_that_block(tiny_tokenizer):
-    model = make_tiny_model(tiny_tokenizer, layers=3)
+    model = make_tiny_model(tiny_tokenizer)  # 2 blocks
     batch = pad_batch([torch.tensor([0, 5, 6, 7])], pad_id=0)
     with torch.no_grad():
         full = model(input_ids=batch["input_ids"], output_hidden_states=True).hidden_states
-        for layer in (0, 1):  # the last one is normed by HF, so compare the inner ones
-            assert torch.allclose(block_output(model, batch, layer), full[layer + 1], atol=1e-6)
+        assert torch.allclose(block_output(model, batch, 0), full[1], atol=1e-6)
+        # HF's last hidden state is the last block's output after the final norm
+        last = model.model.norm(block_output(model, batch, 1))
+        assert torch.allclose(last, full[2], atol=1e-6)
 
 
 def test_rmu_layer_is_checked_against_the_model(tiny_tokenizer):
