@@ -20,12 +20,16 @@ from .base import (
     Unlearner,
     chunk_length,
     get_unlearner_class,
+    read_model_config,
     register_unlearner,
 )
 from .ce_u import CEU
 from .ga import GA, GA_GDR, GA_KLR
+from .idk import IdkDPO, IdkNLL
 from .losses import kl_divergence, npo_loss, reference_kl, sequence_logprob, token_nll
 from .npo import NPO, NPO_GDR, NPO_KLR
+from .pdu import PDU
+from .rmu import RMU
 from .simnpo import SimNPO
 from .task_vector import FinetuneNLL, ReinforcedSweep, TaskVector
 from .undial import UNDIAL
@@ -44,6 +48,10 @@ __all__ = [
     "NPO_GDR",
     "NPO_KLR",
     "UNDIAL",
+    "PDU",
+    "RMU",
+    "IdkDPO",
+    "IdkNLL",
     "UNLEARNERS",
     "WGA",
     "WHP",
@@ -66,6 +74,7 @@ __all__ = [
     "load_unlearned",
     "npo_loss",
     "parse_params",
+    "read_model_config",
     "reference_kl",
     "register_unlearner",
     "sequence_logprob",

@@ -9,6 +9,7 @@ only writes `loss()`; the shared loop in `muse_bench.training.loop` does the res
 from __future__ import annotations
 
 import dataclasses
+import json
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -23,6 +24,7 @@ from muse_bench.core.errors import ConfigError, TrainingError
 from muse_bench.core.hparams import hyperparameters, params_dict, require
 from muse_bench.core.registry import Registry
 from muse_bench.core.types import ForgetRequest
+from muse_bench.training.hooks import TrainHooks
 from muse_bench.training.loop import (
     FSDP_NEEDS_PROCESSES,
     FSDP_WITH_LORA,
@@ -105,6 +107,13 @@ class Unlearner(ABC):
     def validate(self) -> None:  # noqa: B027 - an optional hook, not an abstract method
         """Raise ConfigError if a hyperparameter is out of range; subclasses extend it."""
 
+    def check_model(self, config: Mapping[str, Any]) -> None:  # noqa: B027 - optional hook
+        """Raise ConfigError if a hyperparameter does not fit the model to unlearn.
+
+        `config` is the model's `config.json` (see `read_model_config`); `muse run` calls
+        this after `validate()` and before any work, for checks such as RMU's layer index.
+        """
+
     @classmethod
     def name(cls) -> str:
         """The registered name, or the class name for an unregistered plugin."""
@@ -158,6 +167,15 @@ class Unlearner(ABC):
         if last is None:
             raise TrainingError(f"{self.name()} produced no model.")
         return last.model
+
+
+def read_model_config(model_dir: str | Path) -> dict[str, Any]:
+    """The `config.json` of a model directory as a dict ({} when it has none)."""
+    path = Path(model_dir) / "config.json"
+    if not path.is_file():
+        return {}
+    with open(path, encoding="utf-8") as fh:
+        return json.load(fh)
 
 
 def get_unlearner_class(name: str) -> type[Unlearner]:
@@ -319,11 +337,17 @@ class GradientUnlearner(Unlearner):
             identity=identity,
         )
 
+    def train_hooks(self) -> TrainHooks | None:
+        """A fresh `TrainHooks` for one training run, for a method that keeps state
+        between steps (saved with the checkpoints); None for a pure loss."""
+        return None
+
     def _epochs(self, model, tokenizer, request, ctx, replay: bool) -> Iterator[Candidate]:
         config = self.train_config(model, request, ctx)
         retain = request.retain if self.needs_retain else ()
+        hooks = self.train_hooks()
         for result in train(
-            model, tokenizer, self.loss, request.forget, retain, config, replay=replay
+            model, tokenizer, self.loss, request.forget, retain, config, replay=replay, hooks=hooks
         ):
             yield Candidate(f"epoch_{result.epoch}", float(result.epoch), result.model, result.path)
 

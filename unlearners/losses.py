@@ -15,10 +15,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from muse_bench.core.errors import ConfigError
 from muse_bench.training.ref_logprobs import Batch, ReferenceProvider, RefTopK, token_logprobs
 
 __all__ = [
     "ceu_target_logits",
+    "activation_mse",
+    "block_output",
+    "decoder_layers",
+    "dpo_loss",
+    "logit_margin_flatness",
     "kl_divergence",
     "next_token_logits",
     "simnpo_loss",
@@ -205,3 +211,94 @@ def ceu_target_logits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tenso
     """CE-U's target (Yang, 2025): the model's own detached logits with the true next
     token's set to −inf, so the target puts no mass on it. Shapes as `undial_target_logits`."""
     return logits.detach().float().scatter(-1, _label_index(labels), -math.inf)
+
+
+# ------------------------------------------------------------ pieces of the later methods
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The decoder blocks of a causal LM (Llama's `model.layers`, GPT-2's `transformer.h`).
+
+    The outermost `nn.ModuleList` named `layers`, `h` or `blocks`, so a model wrapped by
+    DDP or carrying LoRA adapters is found too.
+    """
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and name.rpartition(".")[2] in _BLOCK_LISTS:
+            return module
+    raise ConfigError(
+        f"cannot find the decoder blocks of {type(model).__name__} "
+        f"(an nn.ModuleList named {' or '.join(_BLOCK_LISTS)})."
+    )
+
+
+_BLOCK_LISTS = ("layers", "h", "blocks")
+
+
+class _StopForward(Exception):
+    """Raised by `block_output`'s hook: the rest of the forward pass is not needed."""
+
+
+def block_output(model: nn.Module, batch: Batch, layer: int) -> torch.Tensor:
+    """The hidden states `[B, T, d]` that decoder block `layer` (0-based) outputs on `batch`.
+
+    HF's `hidden_states[layer + 1]`, but read with a forward hook that stops the forward
+    pass after that block, so the later blocks and the logits are never computed.
+    """
+    blocks = decoder_layers(model)
+    if not 0 <= layer < len(blocks):
+        raise ConfigError(f"layer must be in [0, {len(blocks) - 1}], got {layer}.")
+    seen: list[torch.Tensor] = []
+
+    def hook(module, args, output):
+        seen.append(output[0] if isinstance(output, tuple) else output)
+        raise _StopForward
+
+    handle = blocks[layer].register_forward_hook(hook)
+    try:
+        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+    except _StopForward:
+        pass
+    finally:
+        handle.remove()
+    if not seen:
+        raise ConfigError(f"decoder block {layer} did not run in the forward pass.")
+    return seen[0]
+
+
+def activation_mse(hidden: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of (hidden − target)² over the real tokens in `mask` and every coordinate.
+
+    `hidden` is `[B, T, d]`; `target` is `[B, T, d]` or a vector `[d]` (RMU's control
+    vector); `mask` is `[B, T]`. Without padding this is `F.mse_loss(hidden, target)`.
+    """
+    per_token = (hidden.float() - target.float()).pow(2).mean(-1)
+    return _masked_mean(per_token, mask, None)
+
+
+def logit_margin_flatness(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """PDU's forget loss: mean over the positions in `mask` of (max_v z − mean_v z)².
+
+    Zero exactly when all logits at a position are equal; `logits` is `[B, T, V]`.
+    """
+    logits = logits.float()
+    margin = logits.max(-1).values - logits.mean(-1)
+    return _masked_mean(margin.pow(2), mask, None)
+
+
+def dpo_loss(
+    logp_w: torch.Tensor,
+    ref_w: torch.Tensor,
+    logp_l: torch.Tensor,
+    ref_l: torch.Tensor,
+    beta: float,
+    scaled: bool = True,
+) -> torch.Tensor:
+    """DPO (Rafailov et al., 2023) on sequence log-likelihoods `[B]` of a preferred (w)
+    and a rejected (l) answer under the model and the reference.
+
+    −(2/β)·mean log σ(β·(r_w − r_l)), r = log p_θ − log p_ref, as open-unlearning and NPO
+    write it (`scaled`), or the standard −mean log σ(β·(r_w − r_l)).
+    """
+    margin = (logp_w - ref_w.to(logp_w.dtype)) - (logp_l - ref_l.to(logp_l.dtype))
+    loss = -F.logsigmoid(beta * margin).mean()
+    return (2.0 / beta) * loss if scaled else loss

@@ -19,7 +19,7 @@ from muse_bench.runner.config import (
     safe_dir_name,
 )
 from muse_bench.runner.records import short_hash
-from muse_bench.task import Task, resolve_task
+from muse_bench.task import Task, local_model_dir, resolve_task
 
 
 @dataclass(frozen=True)
@@ -46,7 +46,7 @@ class RunPlan:
 
 def plan_run(cfg: RunConfig, echo: Callable[[str], None] = print) -> RunPlan:
     """Check every setting and resolve the run; raises ConfigError before any write."""
-    from muse_bench.unlearners import get_unlearner_class, parse_params
+    from muse_bench.unlearners import get_unlearner_class, parse_params, read_model_config
 
     # Every check comes before the first file is written: a bad command changes nothing.
     device = check_config(cfg)
@@ -62,6 +62,8 @@ def plan_run(cfg: RunConfig, echo: Callable[[str], None] = print) -> RunPlan:
     algo_name = cls.name()
     for which in ("target", "retrain"):
         check_model(getattr(task.models, which), cfg)
+    # checks of hyperparameters against the model's shape (RMU's layer), before any work
+    unlearner.check_model(read_model_config(local_model_dir(task.models.target)))
     resolved = asdict(unlearner)
     identity = {
         "benchmark": task.corpus.benchmark_id,

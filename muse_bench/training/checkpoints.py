@@ -110,12 +110,14 @@ def _save_checkpoint(
     rng: dict[str, torch.Tensor],
     adapters: LoraAdapters | None,
     optimizer_state: dict[str, Any] | None = None,
+    hook_state: dict[str, torch.Tensor] | None = None,
 ) -> None:
     """Write checkpoint `path` (main process only).
 
     The optimizer state is `optimizer.state_dict()` (keyed by parameter index) unless
     `optimizer_state` is given: the whole state of a sharded run, keyed by parameter name
     (`muse_bench.training.fsdp`). Either way it is saved as `optim.<key>.<name>` tensors.
+    `hook_state` (a method's own state, `muse_bench.training.hooks`) is saved as `hooks.*`.
     """
     from safetensors.torch import save_file
 
@@ -125,6 +127,9 @@ def _save_checkpoint(
         tensors.update(
             {f"lora.{k}": v.cpu().contiguous() for k, v in adapters.state_dict().items()}
         )
+    tensors.update(
+        {f"hooks.{k}": v.detach().cpu().contiguous() for k, v in (hook_state or {}).items()}
+    )
     extra: dict[str, dict[str, Any]] = {}
     if optimizer_state is None:
         optimizer_state = optimizer.state_dict()
@@ -146,8 +151,11 @@ def _restore_state(
     procs: Processes,
     adapters: LoraAdapters | None,
     sharded: FullyShardedModel | None = None,
+    hooks: Any = None,
 ) -> None:
     """Load the optimizer, RNG (and LoRA) state of checkpoint `path` for an exact resume.
+
+    `hooks` (a `muse_bench.training.hooks.TrainHooks`) gets back its saved `hooks.*` state.
 
     In a sharded run (`sharded`), only the main process reads the optimizer state, which
     `sharded` then broadcasts into every process's shards (a collective).
@@ -168,6 +176,8 @@ def _restore_state(
         }
     if adapters is not None:
         adapters.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("lora.")})
+    if hooks is not None:
+        hooks.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("hooks.")})
     extra = _read_state(path).get("optimizer_extra", {})
     # Keys are parameter indices, or parameter names (with dots) in a sharded run.
     key_type = str if sharded is not None else int

@@ -47,6 +47,7 @@ from muse_bench.training.checkpoints import (
     epoch_dir,
 )
 from muse_bench.training.fsdp import FullyShardedModel
+from muse_bench.training.hooks import TrainHooks, restore_trainable, select_trainable
 from muse_bench.training.lora import LLAMA_LORA_TARGETS, LoraAdapters
 from muse_bench.training.packing import pack_texts, pad_batch
 from muse_bench.training.ref_logprobs import Batch, ReferenceProvider, RefTopK, _to, token_logprobs
@@ -133,6 +134,8 @@ class TrainConfig:
     ref_topk: int = 0
     # Shard weights, gradients and optimizer state over the processes (muse_bench.training.fsdp).
     fsdp: bool = False
+    # Train only the parameters whose name matches this regular expression ("" = all).
+    trainable: str = ""
 
 
 @dataclass(frozen=True)
@@ -277,6 +280,8 @@ def _fingerprint(
         skip.add("ref_topk")
     if not cfg.fsdp:
         skip.add("fsdp")
+    if not cfg.trainable:
+        skip.add("trainable")
     settings = {k: v for k, v in asdict(cfg).items() if k not in skip}
     settings.pop("mixed_precision")
     if precision != "no":
@@ -397,6 +402,7 @@ def train(
     config: TrainConfig,
     *,
     replay: bool = True,
+    hooks: TrainHooks | None = None,
 ) -> Iterator[EpochResult]:
     """Train `model` in place for `config.epochs` epochs, yielding it after each one.
 
@@ -409,6 +415,9 @@ def train(
     With `config.work_dir`, every epoch is checkpointed; a rerun with the same settings and
     data continues after the latest complete epoch, first yielding the completed ones from
     disk (unless `replay` is False: then only the latest is loaded, to resume from).
+
+    `hooks` (see `muse_bench.training.hooks`) is called at fixed points of the run and its
+    state is saved with every checkpoint, for methods that keep state between steps.
     """
     if not forget:
         raise ConfigError("the forget set is empty; there is nothing to unlearn.")
@@ -443,6 +452,8 @@ def train(
 
     model.to(device)
     torch.manual_seed(config.seed)
+    hooks = hooks or TrainHooks()
+    hooks.setup(model, tokenizer, config.seed)  # the original model, before any checkpoint
     adapters = None
     if config.lora_rank and start < config.epochs:
         adapters = LoraAdapters(
@@ -470,6 +481,7 @@ def train(
         )
     wrapped = None
     bar = None
+    trainable_flags: dict[str, bool] | None = None
     try:
         # With LoRA, the adapter state in the latest checkpoint is all a resume needs.
         for k in done if replay else ([] if adapters else done[-1:]):
@@ -487,10 +499,13 @@ def train(
 
         if config.gradient_checkpointing:
             enable_gradient_checkpointing(model)
+        trainable_flags = select_trainable(model, config.trainable)
         sharded = FullyShardedModel(model) if config.fsdp else None
         optimizer = make_adamw(_param_groups(model, config.weight_decay), config.lr)
         if start:
-            _restore_state(epoch_dir(work_dir, start), optimizer, procs, adapters, sharded)
+            _restore_state(
+                epoch_dir(work_dir, start), optimizer, procs, adapters, sharded, hooks=hooks
+            )
         else:
             torch.manual_seed(config.seed + procs.rank)  # own stream per process (dropout)
         if sharded is None:
@@ -509,6 +524,7 @@ def train(
             if adapters is not None:
                 adapters.unmerge()  # after the previous epoch's candidate
             wrapped.train()
+            hooks.start_epoch(epoch)
             plan = epoch_plan(
                 len(forget_chunks), len(retain_chunks), epoch, config.seed, config.batch_size
             )
@@ -562,10 +578,12 @@ def train(
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
                     global_step += 1
+                    hooks.after_step(procs)
                 total_loss += value
                 bar.set_postfix(loss=f"{value:.4f}")
                 bar.update()
             bar.close()
+            hooks.end_epoch(epoch, procs)
             mean_loss = total_loss / len(plan)
             if sharded is not None:
                 unwrapped = sharded.fill_plain()  # a collective
@@ -590,6 +608,7 @@ def train(
                         rng,
                         adapters,
                         optim_state,
+                        hook_state=hooks.state_dict(),
                     )
                     previous = epoch_dir(work_dir, epoch - 1) / STATE_TENSORS
                     previous.unlink(missing_ok=True)
@@ -603,5 +622,7 @@ def train(
             adapters.release()
         if config.gradient_checkpointing:
             disable_gradient_checkpointing(model)
+        if trainable_flags is not None:
+            restore_trainable(model, trainable_flags)
         if wrapped is not None:
             accelerator.free_memory()

@@ -144,6 +144,12 @@ class ReferenceProvider:
         index = forget_batch["index"]
         return self._forget_logprobs.to(index.device)[index]
 
+    @property
+    def model(self) -> Callable[..., Any] | None:
+        """The frozen reference model itself (None unless kept), for losses that read
+        more of it than its logits, such as RMU's hidden states; call it under no_grad."""
+        return self._model
+
     def logits(self, batch: Batch) -> torch.Tensor:
         """Next-token logits of the frozen reference model on `batch` (no gradient)."""
         if self._model is None:
