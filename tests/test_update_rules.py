@@ -282,9 +282,9 @@ def test_cli_refuses_zo_with_sam_in_one_line(tmp_path):
 # -- through the training loop
 
 
-def run(algo, tokenizer, work_dir=None, stop_after=None, seed=0):
+def run(algo, tokenizer, work_dir=None, stop_after=None, seed=0, dtype=torch.float32):
     """Train a fresh tiny model; snapshots of every yielded epoch."""
-    model = make_tiny_model(tokenizer, seed=3)
+    model = make_tiny_model(tokenizer, seed=3).to(dtype)
     ctx = UnlearnContext(seed=seed, work_dir=work_dir, max_len=12)
     seen = []
     gen = algo.candidates(model, tokenizer, REQUEST, ctx)
@@ -321,6 +321,27 @@ def test_determinism_and_resume_equal_to_uninterrupted(kind, tiny_tokenizer, tmp
     assert not torch.equal(straight[0]["model.norm.weight"], straight[2]["model.norm.weight"])
     other = run(ALGOS[kind](), tiny_tokenizer, seed=1)
     assert not torch.equal(straight[2]["lm_head.weight"], other[2]["lm_head.weight"])
+
+
+@pytest.mark.slow  # bf16 matmuls are slow on CPU (~40 s)
+def test_zo_on_bf16_weights_resumes_from_its_fp32_masters(tiny_tokenizer, tmp_path):
+    from safetensors import safe_open
+
+    def algo():
+        return NPO(optimizer="zo", lr=1e-3, epochs=2, batch_size=2, zo_eps=1e-2)
+
+    bf16 = torch.bfloat16
+    straight = run(algo(), tiny_tokenizer, tmp_path / "a", dtype=bf16)
+    run(algo(), tiny_tokenizer, tmp_path / "b", stop_after=1, dtype=bf16)
+    with safe_open(str(tmp_path / "b" / "epoch_1" / STATE_TENSORS), framework="pt") as fh:
+        masters = [fh.get_tensor(k) for k in fh.keys() if k.startswith("zo.master.")]  # noqa: SIM118
+    assert masters and all(m.dtype == torch.float32 for m in masters)
+    # The masters hold more than the bf16 weights: updates below a bf16 step.
+    assert any(not torch.equal(m, m.to(bf16).float()) for m in masters)
+    resumed = run(algo(), tiny_tokenizer, tmp_path / "b", dtype=bf16)
+    for a, b in zip(straight, resumed, strict=True):
+        assert_same(a, b)
+    assert not torch.equal(straight[0]["model.norm.weight"], straight[1]["model.norm.weight"])
 
 
 def test_zo_leaves_adamw_without_state_and_matches_a_hand_run(tiny_tokenizer, tmp_path):
