@@ -369,3 +369,97 @@ def test_zo_leaves_adamw_without_state_and_matches_a_hand_run(tiny_tokenizer, tm
         zo.update([seed], [g.item()], lr=1e-2)
     assert_same(trained, snapshot(model))
     assert math.isfinite(float(trained["lm_head.weight"].sum()))
+
+
+# -- two processes (DDP over gloo) against one
+
+DDP_CASES = {
+    "zo": ("npo_gdr", {"optimizer": "zo", "lr": 1e-3, "zo_samples": 2, "epochs": 2}),
+    "sam": ("npo_gdr", {"sam_rho": 0.05, "lr": 3e-3, "epochs": 2, "grad_accum": 2}),
+    "sure": ("ga_gdr", {"sure_quantile": 0.8, "lr": 3e-3, "epochs": 2}),
+}
+
+
+def run_ddp_cases(setup_dir: str, out_dir: str) -> None:
+    """Every DDP case from `setup_dir` (model, data.json); final weights to `out_dir`.
+    Called in-process for one process and by each torchrun process."""
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    from muse_bench.core.distributed import Processes
+    from muse_bench.core.models import load_model_and_tokenizer
+    from muse_bench.unlearners import get_unlearner_class
+
+    torch.set_num_threads(1)
+    setup, out = Path(setup_dir), Path(out_dir)
+    data = json.loads((setup / "data.json").read_text())
+    request = ForgetRequest("single", 1, tuple(data["forget"]), tuple(data["retain"]))
+    for name, (algo_name, params) in DDP_CASES.items():
+        algo = get_unlearner_class(algo_name)(batch_size=4, **params)
+        model, tok = load_model_and_tokenizer(setup / "model")
+        ctx = UnlearnContext(seed=3, max_len=data["max_len"])
+        final = algo.unlearn(model, tok, request, ctx)
+        state = {k: v.detach().clone() for k, v in final.state_dict().items()}
+        rank = Processes.current().rank  # the process group exists once training started
+        save_file(state, str(out / f"{name}.rank{rank}.safetensors"))
+
+
+DDP_SCRIPT = """
+import sys
+sys.path.insert(0, {tests!r})
+from test_update_rules import run_ddp_cases
+run_ddp_cases(sys.argv[1], sys.argv[2])
+"""
+
+
+@pytest.mark.slow  # two torchrun processes: ~1 min
+def test_two_processes_apply_the_update_rules_like_one(tiny_tokenizer, tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+    from test_distributed import PARAM_ATOL, full_chunk_data
+
+    from muse_bench.core.models import save_model
+
+    forget, retain, max_len = full_chunk_data(tiny_tokenizer)
+    save_model(make_tiny_model(tiny_tokenizer, seed=1), tiny_tokenizer, tmp_path / "model")
+    data = {"forget": forget, "retain": retain, "max_len": max_len}
+    (tmp_path / "data.json").write_text(json.dumps(data))
+    one, two = tmp_path / "one", tmp_path / "two"
+    one.mkdir(), two.mkdir()
+    run_ddp_cases(str(tmp_path), str(one))
+    script = tmp_path / "ddp_script.py"
+    script.write_text(DDP_SCRIPT.format(tests=str(Path(__file__).resolve().parent)))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    env.pop("WORLD_SIZE", None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    proc = subprocess.run(
+        [*cmd, str(script), str(tmp_path), str(two)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    target = load_file(str(tmp_path / "model" / "model.safetensors"))
+    for name in DDP_CASES:
+        ref = load_file(str(one / f"{name}.rank0.safetensors"))
+        a = load_file(str(two / f"{name}.rank0.safetensors"))
+        b = load_file(str(two / f"{name}.rank1.safetensors"))
+        moved = max((ref[k] - target[k]).abs().max().item() for k in target)
+        assert moved > 100 * PARAM_ATOL, f"{name}: training barely moved the parameters"
+        # ZO's central difference (L+ - L-)/(2 eps) scales the float noise of the two
+        # processes' summation order by L/eps (~1e4): compare relative to the change. SURE
+        # zeroes most of the gradient, and AdamW's division by sqrt(v) makes the small
+        # entries left more sensitive to that noise (2.8e-5 seen, the change is ~1e-2).
+        atol = {"zo": 1e-3 * moved, "sure": 1e-4}.get(name, PARAM_ATOL)
+        for key in ref:
+            assert torch.equal(a[key], b[key]), f"{name}: replicas differ at {key}"
+            diff = (a[key] - ref[key]).abs().max().item()
+            assert diff <= atol, f"{name}: {key} differs by {diff:.2e} from one process"
