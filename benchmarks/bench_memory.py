@@ -1,17 +1,22 @@
 """Peak memory of unlearning runs: NPO with a cached reference against NPO with a resident
 reference model and plain GA, plus the memory options (KL top-k cache, LoRA, gradient
-checkpointing).
+checkpointing) and the update rules (zeroth-order `npo_zo`, SAM, SURE), against an
+evaluation-only pass (`eval`: forward passes under no-grad over the same batches, what
+scoring the model costs).
 
 Each configuration trains the same random model for one epoch in a fresh subprocess. The
 subprocess builds the model and tokenizer, resets the kernel's peak-RSS mark
 (/proc/self/clear_refs), trains, and reports the peak resident set size (VmHWM) minus
 the RSS just before training: the memory the run itself needed (gradients, optimizer
-moments, activations, a reference copy or cache). glibc runs with a fixed mmap threshold
+moments, activations, a reference copy or cache). `model+run` adds the weights: the peak
+minus the RSS before the model was built (libraries excluded), which is what a GPU's
+`max_memory_allocated` counts; the zeroth-order goal is compared on it. glibc runs with a fixed mmap threshold
 so that freed tensors leave the resident set at once, as on a GPU allocator. On GPUs the same ratios hold for
 `torch.cuda.max_memory_allocated`, which `--device cuda` reports instead.
 
     python benchmarks/bench_memory.py                        # hidden 512, 8 layers (~26M params)
     python benchmarks/bench_memory.py --configs ga,npo,npo_resident --hidden 256
+    python benchmarks/bench_memory.py --configs eval,npo,npo_zo --model tasks/news/models/target
 """
 
 from __future__ import annotations
@@ -37,7 +42,7 @@ import torch.nn.functional as F  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_train import corpus_texts, make_model, make_tokenizer  # noqa: E402
 
-from muse_bench.unlearners import GA, GA_KLR, NPO, UnlearnContext  # noqa: E402
+from muse_bench.unlearners import GA, GA_KLR, NPO, NPO_GDR, UnlearnContext  # noqa: E402
 from muse_bench.unlearners.losses import npo_loss, sequence_logprob  # noqa: E402
 
 
@@ -69,6 +74,12 @@ CONFIGS = {
     "ga_lora8": (GA, {"lora_rank": 8}),
     "ga_ckpt": (GA, {"gradient_checkpointing": True}),
     "ga_lora8_ckpt": (GA, {"lora_rank": 8, "gradient_checkpointing": True}),
+    "npo_zo": (NPO, {"optimizer": "zo"}),  # forward passes only, reference log-probs cached
+    "npo_zo_lora8": (NPO, {"optimizer": "zo", "lora_rank": 8}),
+    "npo_gdr": (NPO_GDR, {}),
+    "npo_gdr_sam": (NPO_GDR, {"sam_rho": 0.01}),
+    "npo_sure": (NPO, {"sure_quantile": 0.9}),
+    "eval": (None, {}),  # no training: forward passes under no-grad over the same batches
 }
 
 
@@ -84,29 +95,59 @@ def child(args: argparse.Namespace) -> None:
     from muse_bench.core.types import ForgetRequest
 
     torch.set_num_threads(args.threads)
-    tok = load_tokenizer(args.tokenizer)
-    forget, retain = corpus_texts(args.corpus)
-    model = make_model(tok, args.hidden, args.layers).to(args.device)
-    cls, extra = CONFIGS[args.child]
-    algo = cls(lr=1e-5, epochs=1, batch_size=args.batch_size, max_len=args.max_len, **extra)
-    request = ForgetRequest("single", 1, tuple(forget), tuple(retain))
     # Import now what training imports lazily, so that its code is not counted as memory.
     import accelerate  # noqa: F401
     import peft  # noqa: F401
     import safetensors.torch  # noqa: F401
     import tqdm  # noqa: F401
 
+    from muse_bench.training import loop  # noqa: F401
+
+    forget, retain = corpus_texts(args.corpus)
     cuda = args.device.startswith("cuda")
+    base = torch.cuda.memory_allocated() if cuda else _vm("VmRSS")
+    if args.model:
+        from muse_bench.core.models import load_model
+
+        tok = load_tokenizer(args.model)
+        model = load_model(args.model, args.device).eval()
+    else:
+        tok = load_tokenizer(args.tokenizer)
+        model = make_model(tok, args.hidden, args.layers).to(args.device)
+    cls, extra = CONFIGS[args.child]
+    algo = None
+    if cls is not None:
+        lr = 1e-8 if extra.get("optimizer") == "zo" else 1e-5
+        algo = cls(lr=lr, epochs=1, batch_size=args.batch_size, max_len=args.max_len, **extra)
+    request = ForgetRequest("single", 1, tuple(forget), tuple(retain))
+
     if cuda:
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated()
     else:
         Path("/proc/self/clear_refs").write_text("5")  # reset the peak-RSS mark
         before = _vm("VmRSS")
-    algo.unlearn(model, tok, request, UnlearnContext(device=args.device, seed=0))
+    if algo is None:
+        evaluate_only(model, tok, forget, args)
+    else:
+        algo.unlearn(model, tok, request, UnlearnContext(device=args.device, seed=0))
     peak = torch.cuda.max_memory_allocated() if cuda else _vm("VmHWM")
     params = sum(p.numel() for p in model.parameters())
-    print(json.dumps({"config": args.child, "before": before, "peak": peak, "params": params}))
+    record = {"config": args.child, "base": base, "before": before, "peak": peak}
+    print(json.dumps({**record, "params": params}))
+
+
+def evaluate_only(model, tokenizer, texts: list[str], args: argparse.Namespace) -> None:
+    """Score every forget chunk under no-grad in training-sized batches: the memory of an
+    evaluation pass over the same data (weights plus one forward's activations)."""
+    from muse_bench.training.packing import pack_texts, pad_batch
+    from muse_bench.unlearners.losses import token_logprobs
+
+    chunks = pack_texts(texts, tokenizer, args.max_len)
+    with torch.no_grad():
+        for start in range(0, len(chunks), args.batch_size):
+            batch = pad_batch(chunks[start : start + args.batch_size], tokenizer.pad_token_id)
+            token_logprobs(model, {k: v.to(args.device) for k, v in batch.items()})
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -119,6 +160,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-len", type=int, default=512)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--model", help="a saved model to use (e.g. tasks/news/models/target)")
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--tokenizer", help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -141,6 +183,8 @@ def main(argv: list[str] | None = None) -> None:
         base = [sys.executable, __file__, "--tokenizer", tmp]
         for key in ("corpus", "hidden", "layers", "batch_size", "max_len", "threads", "device"):
             base += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
+        if args.model:
+            base += ["--model", args.model]
         # A fixed mmap threshold makes glibc return every freed tensor's memory at once;
         # with its default dynamic threshold freed blocks stay in the heap, and peak RSS
         # would measure fragmentation (LoRA's many temporaries looked 50% bigger than GA).
@@ -154,20 +198,39 @@ def main(argv: list[str] | None = None) -> None:
             results[name] = json.loads(proc.stdout.strip().splitlines()[-1])
     params = next(iter(results.values()))["params"]
     unit = "GPU allocated" if args.device.startswith("cuda") else "peak RSS"
+    model = args.model or f"random Llama hidden={args.hidden} layers={args.layers}"
     print(
-        f"random Llama hidden={args.hidden} layers={args.layers} ({params / 1e6:.1f}M params, "
+        f"{model} ({params / 1e6:.1f}M params, "
         f"{params * 4 / 2**20:.0f} MiB fp32), batch {args.batch_size} x {args.max_len} tokens, "
-        f"device {args.device}; memory = {unit} during training minus before"
+        f"device {args.device}, {args.threads} thread(s); memory = {unit}: increase = during "
+        "training minus before it, model+run = peak minus before the model was built"
     )
+    print(table(results))
+
+
+def table(results: dict[str, dict[str, int]]) -> str:
+    """The results as a text table, with ratios to GA's increase and to the model+run peaks
+    of the evaluation-only pass and of NPO with AdamW (where those were measured)."""
+
+    def mib(x: float) -> str:
+        return f"{x / 2**20:.1f}"
+
+    total = {name: r["peak"] - r["base"] for name, r in results.items()}
     ga = results.get("ga")
-    print(f"\n{'config':<15} {'before MiB':>11} {'peak MiB':>9} {'increase MiB':>13} {'x ga':>6}")
+    head = f"{'config':<15} {'before':>8} {'peak':>8} {'increase':>9} {'x ga':>6} {'model+run':>10}"
+    lines = [f"\n{head} {'x eval':>7} {'x npo':>6}   (MiB)"]
     for name, r in results.items():
         inc = r["peak"] - r["before"]
-        ratio = f"{inc / (ga['peak'] - ga['before']):.2f}" if ga else "-"
-        print(
-            f"{name:<15} {r['before'] / 2**20:>11.0f} {r['peak'] / 2**20:>9.0f} "
-            f"{inc / 2**20:>13.0f} {ratio:>6}"
+        ratios = [
+            f"{inc / (ga['peak'] - ga['before']):.2f}" if ga else "-",
+            f"{total[name] / total['eval']:.2f}" if "eval" in total else "-",
+            f"{total[name] / total['npo']:.2f}" if "npo" in total else "-",
+        ]
+        lines.append(
+            f"{name:<15} {mib(r['before']):>8} {mib(r['peak']):>8} {mib(inc):>9} "
+            f"{ratios[0]:>6} {mib(total[name]):>10} {ratios[1]:>7} {ratios[2]:>6}"
         )
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

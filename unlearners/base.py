@@ -35,6 +35,7 @@ from muse_bench.training.loop import (
 )
 from muse_bench.training.lora import LLAMA_LORA_TARGETS
 from muse_bench.training.ref_logprobs import Batch, ReferenceProvider
+from muse_bench.training.update_rules import LossTerms, UpdateConfig, check_update
 
 from .losses import reference_kl, token_nll
 
@@ -256,6 +257,54 @@ class GradientUnlearner(Unlearner):
         default="auto",
         metadata={"help": "bf16 autocast; auto = bf16 on a CUDA GPU (MUSE), no on CPU."},
     )
+    # Update rules (muse_bench.training.update_rules), off by default.
+    optimizer: Literal["adamw", "zo"] = field(
+        default="adamw",
+        metadata={
+            "help": "adamw, or zo: zeroth-order SGD (MeZO), 2·zo_samples forward passes a step, "
+            "no backward, no optimizer state; lr is then an SGD rate (far below AdamW's) and "
+            "max_grad_norm does not apply."
+        },
+    )
+    zo_eps: float = field(
+        default=1e-3, metadata={"help": "optimizer=zo: perturbation scale ε (MeZO: 1e-3)."}
+    )
+    zo_samples: int = field(
+        default=1,
+        metadata={"help": "optimizer=zo: random directions averaged per step (n-SPSA; MeZO: 1)."},
+    )
+    sam_rho: float = field(
+        default=0.0,
+        metadata={
+            "help": "SAM on the forget term: its gradient taken at θ + ρ·g_f/‖g_f‖ "
+            "(Fan et al. 2025: 0.01; 0 = off)."
+        },
+    )
+    sure_quantile: float | None = field(
+        default=None,
+        metadata={
+            "help": "SURE: update only the weight rows whose forget-gradient norm reaches this "
+            "quantile of all rows' (Zhang et al. 2025: 0.9; None = off)."
+        },
+    )
+
+    def update_config(self) -> UpdateConfig:
+        """The update-rule options (zeroth-order, SAM, SURE) as the training loop takes them."""
+        return UpdateConfig(
+            optimizer=self.optimizer,
+            zo_eps=self.zo_eps,
+            zo_samples=self.zo_samples,
+            sam_rho=self.sam_rho,
+            sure_quantile=self.sure_quantile,
+        )
+
+    def loss_terms(self) -> LossTerms:
+        """`loss()` split as forget term + regularizer, for SAM and SURE.
+
+        Here the whole loss is the forget term; `RetainRegularized` splits off its
+        regularizer. A method whose `loss` is not that sum must override this.
+        """
+        return LossTerms(self.loss, None)
 
     def validate(self) -> None:
         super().validate()
@@ -291,6 +340,7 @@ class GradientUnlearner(Unlearner):
         # Checked again by the loop; here so that a bad command stops before any work.
         require(not (self.fsdp and self.lora_rank), FSDP_WITH_LORA)
         require(not self.fsdp or launched_processes() >= 2, FSDP_NEEDS_PROCESSES)
+        check_update(self.update_config(), fsdp=self.fsdp)
 
     @abstractmethod
     def loss(
@@ -326,6 +376,7 @@ class GradientUnlearner(Unlearner):
             lora_target_modules=tuple(self.lora_target_modules),
             mixed_precision=self.mixed_precision,
             fsdp=self.fsdp,
+            update=self.update_config(),
             use_retain=self.needs_retain,
             ref_logprobs=self.needs_ref_logprobs,
             ref_model=self.needs_ref_model,
@@ -347,7 +398,15 @@ class GradientUnlearner(Unlearner):
         retain = request.retain if self.needs_retain else ()
         hooks = self.train_hooks()
         for result in train(
-            model, tokenizer, self.loss, request.forget, retain, config, replay=replay, hooks=hooks
+            model,
+            tokenizer,
+            self.loss,
+            request.forget,
+            retain,
+            config,
+            replay=replay,
+            hooks=hooks,
+            terms=self.loss_terms(),
         ):
             yield Candidate(f"epoch_{result.epoch}", float(result.epoch), result.model, result.path)
 
@@ -394,6 +453,14 @@ class RetainRegularized(GradientUnlearner):
     def loss(self, model, forget, retain, ref):
         forget_loss = super().loss(model, forget, retain, ref)
         return forget_loss + self.retain_weight * self.regularizer(model, retain, ref)
+
+    def loss_terms(self) -> LossTerms:
+        """The next class's loss, and retain_weight · regularizer."""
+
+        def regularizer(model, forget, retain, ref):
+            return self.retain_weight * self.regularizer(model, retain, ref)
+
+        return LossTerms(super().loss, regularizer)
 
 
 @dataclass(kw_only=True)

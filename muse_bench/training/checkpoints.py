@@ -111,6 +111,7 @@ def _save_checkpoint(
     adapters: LoraAdapters | None,
     optimizer_state: dict[str, Any] | None = None,
     hook_state: dict[str, torch.Tensor] | None = None,
+    extra_tensors: dict[str, torch.Tensor] | None = None,
 ) -> None:
     """Write checkpoint `path` (main process only).
 
@@ -118,11 +119,12 @@ def _save_checkpoint(
     `optimizer_state` is given: the whole state of a sharded run, keyed by parameter name
     (`muse_bench.training.fsdp`). Either way it is saved as `optim.<key>.<name>` tensors.
     `hook_state` (a method's own state, `muse_bench.training.hooks`) is saved as `hooks.*`.
+    `extra_tensors` (an update rule's state: zeroth-order fp32 master weights) keep their keys.
     """
     from safetensors.torch import save_file
 
     save_model(model, tokenizer, path)
-    tensors: dict[str, torch.Tensor] = dict(rng)
+    tensors: dict[str, torch.Tensor] = {**rng, **(extra_tensors or {})}
     if adapters is not None:
         tensors.update(
             {f"lora.{k}": v.cpu().contiguous() for k, v in adapters.state_dict().items()}

@@ -51,6 +51,7 @@ from muse_bench.training.hooks import TrainHooks, restore_trainable, select_trai
 from muse_bench.training.lora import LLAMA_LORA_TARGETS, LoraAdapters
 from muse_bench.training.packing import pack_texts, pad_batch
 from muse_bench.training.ref_logprobs import Batch, ReferenceProvider, RefTopK, _to, token_logprobs
+from muse_bench.training.update_rules import LossTerms, UpdateConfig, check_update, make_update_rule
 
 __all__ = [
     "MIXED_PRECISIONS",
@@ -136,6 +137,8 @@ class TrainConfig:
     fsdp: bool = False
     # Train only the parameters whose name matches this regular expression ("" = all).
     trainable: str = ""
+    # Zeroth-order, SAM, SURE (muse_bench.training.update_rules); default: plain AdamW.
+    update: UpdateConfig = field(default_factory=UpdateConfig)
 
 
 @dataclass(frozen=True)
@@ -282,6 +285,8 @@ def _fingerprint(
         skip.add("fsdp")
     if not cfg.trainable:
         skip.add("trainable")
+    if not cfg.update.active:
+        skip.add("update")
     settings = {k: v for k, v in asdict(cfg).items() if k not in skip}
     settings.pop("mixed_precision")
     if precision != "no":
@@ -391,6 +396,7 @@ def _check_config(config: TrainConfig, procs: Processes) -> None:
         raise ConfigError(FSDP_NEEDS_PROCESSES)
     if config.fsdp and config.lora_rank:
         raise ConfigError(FSDP_WITH_LORA)
+    check_update(config.update, fsdp=config.fsdp)
 
 
 def train(
@@ -403,6 +409,7 @@ def train(
     *,
     replay: bool = True,
     hooks: TrainHooks | None = None,
+    terms: LossTerms | None = None,
 ) -> Iterator[EpochResult]:
     """Train `model` in place for `config.epochs` epochs, yielding it after each one.
 
@@ -418,6 +425,8 @@ def train(
 
     `hooks` (see `muse_bench.training.hooks`) is called at fixed points of the run and its
     state is saved with every checkpoint, for methods that keep state between steps.
+    `terms` splits the loss into its forget term and regularizer, for the update rules that
+    treat them apart (`config.update`: SAM, SURE; see `muse_bench.training.update_rules`).
     """
     if not forget:
         raise ConfigError("the forget set is empty; there is nothing to unlearn.")
@@ -517,6 +526,20 @@ def train(
         total_steps = steps_per_epoch * config.epochs
         global_step = start * steps_per_epoch
         params = [p for group in optimizer.param_groups for p in group["params"]]
+        rule = make_update_rule(  # None unless zeroth-order, SAM or SURE is on
+            config.update,
+            model,
+            optimizer.param_groups,
+            procs,
+            loss_fn,
+            terms,
+            accelerator.backward,
+            seed=config.seed,
+            step=global_step,
+            weight_decay=config.weight_decay,
+        )
+        if rule is not None and start:
+            rule.load_state(epoch_dir(work_dir, start))
 
         from tqdm import tqdm
 
@@ -556,16 +579,28 @@ def train(
                 else:
                     no_sync = contextlib.nullcontext() if sync else accelerator.no_sync(wrapped)
                 with no_sync:
-                    with autocast():
-                        loss = loss_fn(
-                            wrapped, _to(forget_batch, device), _to(retain_batch, device), ref
+                    batches = (_to(forget_batch, device), _to(retain_batch, device), ref)
+                    if rule is None:
+                        with autocast():
+                            loss = loss_fn(wrapped, *batches)
+                        local = loss.detach().float()
+                    else:  # its own passes (and backward, first-order)
+                        local = rule.accumulate(
+                            wrapped,
+                            *batches,
+                            weight=weight,
+                            micro_batches=group_end - group_start,
+                            autocast=autocast,
                         )
                     # The micro-batch's loss, the same on every process: all stop together.
-                    value = procs.sum(loss.detach().float() * (weight / procs.world)).item()
+                    value = procs.sum(local * (weight / procs.world)).item()
                     if not math.isfinite(value):
                         raise _non_finite(epoch, i + 1, work_dir, "the loss")
-                    accelerator.backward(loss * weight / (group_end - group_start))
+                    if rule is None:
+                        accelerator.backward(loss * weight / (group_end - group_start))
                 if sync:
+                    if rule is not None:
+                        rule.before_step()  # SURE masks the gradient
                     if config.max_grad_norm:
                         norm = _clip_grad_norm(accelerator, sharded, params, config.max_grad_norm)
                         if not torch.isfinite(torch.as_tensor(norm)).all():
@@ -575,7 +610,10 @@ def train(
                     )
                     for group in optimizer.param_groups:
                         group["lr"] = config.lr * factor
-                    optimizer.step()
+                    if rule is not None and rule.zeroth_order:
+                        rule.step(config.lr * factor)  # no gradient, no AdamW state
+                    else:
+                        optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
                     global_step += 1
                     hooks.after_step(procs)
@@ -609,6 +647,7 @@ def train(
                         adapters,
                         optim_state,
                         hook_state=hooks.state_dict(),
+                        extra_tensors=rule.state_tensors() if rule is not None else None,
                     )
                     previous = epoch_dir(work_dir, epoch - 1) / STATE_TENSORS
                     previous.unlink(missing_ok=True)
