@@ -135,6 +135,17 @@ class TrainConfig:
     fsdp: bool = False
 
 
+#: Experiment tracking (`muse run --log-with`): `fn(config, values, step)` callables the main
+#: process calls with the loss after every optimizer step and each epoch's mean loss.
+TRAIN_LOGGERS: list[Callable[[TrainConfig, dict[str, float], int], None]] = []
+
+
+def _log_train(config: TrainConfig, procs: Processes, values: dict[str, float], step: int) -> None:
+    if procs.is_main:
+        for fn in list(TRAIN_LOGGERS):
+            fn(config, values, step)
+
+
 @dataclass(frozen=True)
 class EpochResult:
     """The model after `epoch` epochs; `path` is its checkpoint (None without a work_dir)."""
@@ -518,7 +529,7 @@ def train(
                 disable=not (config.progress and procs.is_main),
                 leave=False,
             )
-            total_loss = 0.0
+            total_loss = step_loss = 0.0
             for i, (forget_idx, retain_idx) in enumerate(plan):
                 group_start = i - i % config.grad_accum
                 group_end = min(group_start + config.grad_accum, len(plan))
@@ -549,6 +560,7 @@ def train(
                     if not math.isfinite(value):
                         raise _non_finite(epoch, i + 1, work_dir, "the loss")
                     accelerator.backward(loss * weight / (group_end - group_start))
+                step_loss += value
                 if sync:
                     if config.max_grad_norm:
                         norm = _clip_grad_norm(accelerator, sharded, params, config.max_grad_norm)
@@ -562,11 +574,17 @@ def train(
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
                     global_step += 1
+                    step_values = {"loss": step_loss / (group_end - group_start)}
+                    _log_train(
+                        config, procs, {**step_values, "lr": config.lr * factor}, global_step
+                    )
+                    step_loss = 0.0
                 total_loss += value
                 bar.set_postfix(loss=f"{value:.4f}")
                 bar.update()
             bar.close()
             mean_loss = total_loss / len(plan)
+            _log_train(config, procs, {"epoch_loss": mean_loss, "epoch": epoch}, global_step)
             if sharded is not None:
                 unwrapped = sharded.fill_plain()  # a collective
             else:
