@@ -433,7 +433,9 @@ run: {{source: {data}, target: {target}, retrain: {retrain}, bootstrap: 5, devic
 def test_slurm_path_with_submitit_debug_executor(tmp_path, mini_benchmark):
     pytest.importorskip("submitit")
     path = mini_sweep(
-        tmp_path, mini_benchmark, "executor: {kind: slurm, cluster: debug, gpus_per_run: 0}"
+        tmp_path,
+        mini_benchmark,
+        "executor: {kind: slurm, cluster: debug, gpus_per_run: 0, cpus_per_run: 1}",
     )
     out = tmp_path / "out"
     lines: list[str] = []
@@ -517,6 +519,7 @@ def test_tensorboard_event_file_holds_losses_and_metrics(tmp_path, mini_benchmar
         device="cpu",
         out=tmp_path / "out",
         progress=False,
+        select="last",  # score both epochs (tiny random models would stop at the first)
     )
     report = tracked_run(cfg, "tensorboard", echo=lambda _: None)
     logdir = tmp_path / "out" / "tensorboard" / "news" / report["run_id"]
@@ -542,3 +545,36 @@ def test_unknown_tracker_is_one_line(tmp_path):
     )
     assert code != 0 and "unknown --log-with 'tensorbored'" in err and "tensorboard" in err
     assert len(err.strip().splitlines()) == 1
+
+
+# --------------------------------------------------------------------------- end to end
+
+
+@pytest.mark.slow
+def test_local_executor_runs_real_muse_run_subprocesses(tmp_path, mini_benchmark):
+    path = mini_sweep(tmp_path, mini_benchmark, "executor: {parallel: 2, threads: 1}", (0, 1))
+    out = tmp_path / "out"
+    res = run_sweep(path, out, echo=lambda _: None)
+    assert len(res.records) == 2
+    logs = sorted((sweep_dir(out, "mini") / "logs").glob("*.log"))
+    assert [p.stem for p in logs] == sorted(r.planned.run_id for r in res.records)
+    assert "--source" in logs[0].read_text().splitlines()[0]  # the command each run got
+    created = {r.planned.run_id: r.report["created"] for r in res.records}
+    again = run_sweep(path, out, echo=lambda _: None)
+    assert {r.planned.run_id: r.report["created"] for r in again.records} == created
+
+
+@pytest.mark.slow
+def test_slurm_path_with_submitit_local_executor(tmp_path, mini_benchmark):
+    pytest.importorskip("submitit")
+    path = mini_sweep(
+        tmp_path,
+        mini_benchmark,
+        "executor: {kind: slurm, cluster: local, gpus_per_run: 0, cpus_per_run: 1}",
+        (0, 1),
+    )
+    lines: list[str] = []
+    res = run_sweep(path, tmp_path / "out", echo=lines.append)
+    # one array per wave: the first seed's run alone would share nothing, so both go first
+    assert [ln.split()[1] for ln in lines if ln.startswith("submitted")] == ["2"]
+    assert len(res.records) == 2 and {r.planned.run.seed for r in res.records} == {0, 1}

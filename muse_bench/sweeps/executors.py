@@ -255,15 +255,16 @@ def submitit_parameters(options: Mapping[str, Any], sweep_name: str) -> dict[str
 
 
 def execute_run(cfg: RunConfig, log_with: str | None = None, threads: int | None = None) -> str:
-    """The body of one cluster job: the run, in this process; returns its run id."""
-    if threads:
-        import torch
+    """The body of one cluster job: the run, in this process, on `threads` torch threads
+    (restored after, for submitit's debug executor, which runs jobs in the caller)."""
+    import torch
 
-        torch.set_num_threads(threads)
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from muse_bench.engines.background import torch_threads
     from muse_bench.sweeps.tracking import tracked_run
 
-    return tracked_run(cfg, log_with, echo=print)["run_id"]
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    with torch_threads(threads or torch.get_num_threads()):
+        return tracked_run(cfg, log_with, echo=print)["run_id"]
 
 
 def waves(pending: Sequence[PlannedRun], finished: Sequence[PlannedRun]) -> list[list[PlannedRun]]:
