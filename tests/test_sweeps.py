@@ -578,3 +578,25 @@ def test_slurm_path_with_submitit_local_executor(tmp_path, mini_benchmark):
     # one array per wave: the first seed's run alone would share nothing, so both go first
     assert [ln.split()[1] for ln in lines if ln.startswith("submitted")] == ["2"]
     assert len(res.records) == 2 and {r.planned.run.seed for r in res.records} == {0, 1}
+
+
+def test_cluster_runs_are_not_checked_against_this_machines_devices(tmp_path):
+    data = {
+        "name": "gpu",
+        "defaults": {"algo": "npo", "corpus": "news"},
+        "list": [{}],
+        "run": {"engine": "vllm", "device": "cuda"},
+    }
+    sweep = parse_sweep(data)
+    with pytest.raises(ConfigError, match="run 1"):
+        plan(sweep, tmp_path)  # no vLLM / GPU here
+    (p,) = plan(sweep, tmp_path, here=False)
+    assert p.config.engine == "vllm" and p.config.device == "cuda"
+    (same,) = plan(parse_sweep({**data, "run": {}}), tmp_path)
+    assert same.run_id == p.run_id  # device and engine are not part of the run id
+
+
+@pytest.mark.parametrize(("name", "runs"), [("npo_news.yaml", 8), ("baselines_news.toml", 21)])
+def test_shipped_examples_plan(tmp_path, name, runs):
+    example = Path(__file__).resolve().parent.parent / "sweeps" / name
+    assert len(plan(load_sweep(example), tmp_path)) == runs

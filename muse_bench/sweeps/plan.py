@@ -9,7 +9,7 @@ is never started again.
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from muse_bench.core.errors import ConfigError, MuseError
@@ -67,12 +67,19 @@ def run_config(sweep: Sweep, run: SweepRun, out: Path) -> RunConfig:
 
 
 def plan(
-    sweep: Sweep, out: Path, *, yes: bool = False, max_runs: int = MAX_RUNS
+    sweep: Sweep,
+    out: Path,
+    *,
+    yes: bool = False,
+    max_runs: int = MAX_RUNS,
+    here: bool = True,
 ) -> list[PlannedRun]:
     """Check every run as `muse run` would and return them, duplicates merged.
 
     Raises ConfigError, naming the run, for the first run `muse run` would refuse, and
-    when the sweep has more than `max_runs` runs and `yes` is False.
+    when the sweep has more than `max_runs` runs and `yes` is False. With `here` False
+    (runs that execute on other machines, such as a cluster's GPU nodes), the device and
+    engine are not checked on this one; they are not part of a run's id.
     """
     from muse_bench.runner.run import Run
 
@@ -84,8 +91,9 @@ def plan(
     planned: dict[str, PlannedRun] = {}
     for run in sweep.runs:
         cfg = run_config(sweep, run, out)
+        probe = cfg if here else replace(cfg, device="cpu", engine="hf")
         try:
-            checked = Run(cfg, echo=lambda _line: None)
+            checked = Run(probe, echo=lambda _line: None)
         except MuseError as exc:
             raise ConfigError(f"run {run.index + 1} ({run.label()}): {exc}") from None
         if checked.run_id not in planned:  # the same run written twice runs once

@@ -138,7 +138,8 @@ def run_sweep(
         from muse_bench.sweeps.tracking import check_tracker
 
         check_tracker(log_with)
-    planned = plan(sweep, out, yes=yes, max_runs=max_runs)
+    here = options["kind"] == "local"
+    planned = plan(sweep, out, yes=yes, max_runs=max_runs, here=here)
     finished = [p for p in planned if p.finished]
     pending = [p for p in planned if not p.finished]
     if options["kind"] == "local":
