@@ -600,3 +600,10 @@ def test_cluster_runs_are_not_checked_against_this_machines_devices(tmp_path):
 def test_shipped_examples_plan(tmp_path, name, runs):
     example = Path(__file__).resolve().parent.parent / "sweeps" / name
     assert len(plan(load_sweep(example), tmp_path)) == runs
+
+
+def test_sweep_and_run_help_name_the_new_options():
+    code, out, _ = invoke_cli(["sweep", "--help"])
+    assert code == 0 and all(o in out for o in ("--dry-run", "--yes", "--publish", "--log-with"))
+    code, out, _ = invoke_cli(["run", "--help"])
+    assert code == 0 and "--log-with" in out

@@ -166,11 +166,12 @@ def run_local(
                 child_env = dict(env)
                 if plan.gpus:
                     child_env["CUDA_VISIBLE_DEVICES"] = plan.gpus[slot]
-                log = open(log_dir / f"{p.run_id}.log", "ab")  # noqa: SIM115 - closed below
-                log.write(f"$ {' '.join(make(p))}\n".encode())
+                argv = make(p)
+                log = open(log_dir / f"{p.run_id}.log", "ab")  # closed when the run ends
+                log.write(f"$ {' '.join(argv)}\n".encode())
                 log.flush()
                 proc = subprocess.Popen(
-                    make(p),
+                    argv,
                     stdout=log,
                     stderr=subprocess.STDOUT,
                     stdin=subprocess.DEVNULL,
