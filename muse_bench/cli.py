@@ -215,12 +215,22 @@ def _summary(report: dict, refs: dict[str, dict]) -> None:
     help="Model selection: first (MUSE: first epoch/alpha with knowmem_f <= retrain's) or last.",
 )
 @click.option("--name", default=None, help="Leaderboard name of this run (default: the algo).")
-def run(**kw) -> None:
+@click.option(
+    "--log-with",
+    default=None,
+    help="Track training loss and per-epoch metrics: tensorboard (OUT/tensorboard), wandb or mlflow.",
+)
+def run(log_with: str | None, **kw) -> None:
     """Unlearn, evaluate six ways, write report.json and a leaderboard row."""
     from muse_bench.core.distributed import Processes
     from muse_bench.runner import run as do_run
 
-    report = do_run(_config(**kw), echo=click.echo)
+    if log_with:
+        from muse_bench.sweeps.tracking import tracked_run
+
+        report = tracked_run(_config(**kw), log_with, echo=click.echo)
+    else:
+        report = do_run(_config(**kw), echo=click.echo)
     if not Processes.current().is_main:  # launched as several processes: print once
         return
     refs = {k: v["metrics"] for k, v in report["reference"].items()}
@@ -290,6 +300,36 @@ def eval_cmd(model_spec: str, name: str | None, **kw) -> None:
     _summary(report, {label: report["metrics"]})
     run_dir = cfg.out / task.corpus.name / safe_dir_name(label) / report["run_id"]
     click.echo(f"\nreport: {run_dir / 'report.json'}")
+
+
+@cli.command()
+@click.argument("sweep_file", type=click.Path(path_type=Path))
+@click.option(
+    "--out",
+    default="runs",
+    show_default=True,
+    type=click.Path(path_type=Path),
+    help="Output directory; the sweep writes OUT/sweeps/<name>/.",
+)
+@click.option("--dry-run", is_flag=True, help="Print the runs it would make, and stop.")
+@click.option("--yes", is_flag=True, help="Allow a sweep of more than 100 runs.")
+@click.option(
+    "--executor", default=None, help="local or slurm (default: the sweep file's, or local)."
+)
+@click.option("--parallel", type=int, default=None, help="Local executor: runs at a time.")
+@click.option("--threads", type=int, default=None, help="Local executor: torch threads per run.")
+@click.option("--log-with", default=None, help="Track every run: tensorboard, wandb or mlflow.")
+@click.option(
+    "--publish",
+    is_flag=True,
+    help="Append each method's selected runs to OUT/leaderboard/<corpus>.csv.",
+)
+def sweep(sweep_file: Path, out: Path, **kw) -> None:
+    """Run every run of a sweep file (YAML/TOML) that has not finished, then write
+    OUT/sweeps/<name>/ runs.csv, summary.csv and plot.png (see notes/sweeps.md)."""
+    from muse_bench.sweeps import run_sweep
+
+    run_sweep(sweep_file, out, echo=click.echo, **kw)
 
 
 @cli.group()

@@ -141,6 +141,17 @@ class TrainConfig:
     update: UpdateConfig = field(default_factory=UpdateConfig)
 
 
+#: Experiment tracking (`muse run --log-with`): `fn(config, values, step)` callables the main
+#: process calls with the loss after every optimizer step and each epoch's mean loss.
+TRAIN_LOGGERS: list[Callable[[TrainConfig, dict[str, float], int], None]] = []
+
+
+def _log_train(config: TrainConfig, procs: Processes, values: dict[str, float], step: int) -> None:
+    if procs.is_main:
+        for fn in list(TRAIN_LOGGERS):
+            fn(config, values, step)
+
+
 @dataclass(frozen=True)
 class EpochResult:
     """The model after `epoch` epochs; `path` is its checkpoint (None without a work_dir)."""
@@ -557,7 +568,7 @@ def train(
                 disable=not (config.progress and procs.is_main),
                 leave=False,
             )
-            total_loss = 0.0
+            total_loss = step_loss = 0.0
             for i, (forget_idx, retain_idx) in enumerate(plan):
                 group_start = i - i % config.grad_accum
                 group_end = min(group_start + config.grad_accum, len(plan))
@@ -598,6 +609,7 @@ def train(
                         raise _non_finite(epoch, i + 1, work_dir, "the loss")
                     if rule is None:
                         accelerator.backward(loss * weight / (group_end - group_start))
+                step_loss += value
                 if sync:
                     if rule is not None:
                         rule.before_step()  # SURE masks the gradient
@@ -617,12 +629,18 @@ def train(
                     optimizer.zero_grad(set_to_none=True)
                     global_step += 1
                     hooks.after_step(procs)
+                    step_values = {"loss": step_loss / (group_end - group_start)}
+                    _log_train(
+                        config, procs, {**step_values, "lr": config.lr * factor}, global_step
+                    )
+                    step_loss = 0.0
                 total_loss += value
                 bar.set_postfix(loss=f"{value:.4f}")
                 bar.update()
             bar.close()
             hooks.end_epoch(epoch, procs)
             mean_loss = total_loss / len(plan)
+            _log_train(config, procs, {"epoch_loss": mean_loss, "epoch": epoch}, global_step)
             if sharded is not None:
                 unwrapped = sharded.fill_plain()  # a collective
             else:
