@@ -167,6 +167,10 @@ def loop_forget_gradient(algo, tokenizer, seed=0):
     from muse_bench.training.loop import collate, epoch_plan
 
     model = make_tiny_model(tokenizer, seed=seed)
+    hooks = algo.train_hooks()  # the state a method keeps between steps (idk draws, RMU's u)
+    if hooks is not None:
+        hooks.setup(model, tokenizer, seed)
+        hooks.start_epoch(1)
     forget_chunks = pack_texts(FORGET, tokenizer, 12)
     retain_chunks = pack_texts(RETAIN, tokenizer, 12)
     f_idx, r_idx = epoch_plan(len(forget_chunks), len(retain_chunks), 1, 0, 2)[0]
@@ -189,7 +193,11 @@ def loop_forget_gradient(algo, tokenizer, seed=0):
 )
 def test_loss_terms_add_up_to_the_loss(name, tiny_tokenizer):
     """SAM and SURE rely on loss = forget term + regularizer, for every gradient method."""
-    algo = UNLEARNERS.get(name)()
+    cls = UNLEARNERS.get(name)
+    params = cls.defaults_for("embedded")  # PDU has no MUSE default for eps
+    if "layer" in params:  # RMU: a layer the 2-layer test model has
+        params["layer"] = 1
+    algo = cls(**params)
     model, forget, retain, ref = loop_forget_gradient(algo, tiny_tokenizer)
     terms = algo.loss_terms()
     total = algo.loss(model, forget, retain, ref)

@@ -81,7 +81,7 @@ def plan(
     (runs that execute on other machines, such as a cluster's GPU nodes), the device and
     engine are not checked on this one; they are not part of a run's id.
     """
-    from muse_bench.runner.run import Run
+    from muse_bench.runner import Run
 
     if len(sweep.runs) > max_runs and not yes:
         raise ConfigError(

@@ -76,7 +76,7 @@ def summary_lines(summaries: Sequence[MethodSummary]) -> list[str]:
 def publish_selected(results: SweepResults, out: Path) -> list[Path]:
     """Append each method's selected runs (one row per seed), and the target and retrain
     rows they were compared with, to OUT/leaderboard/<corpus>.csv (idempotent by run id)."""
-    from muse_bench.runner.run import publish, read_json
+    from muse_bench.runner.records import publish, read_json
 
     written: dict[Path, None] = {}
     for s in results.summaries:

@@ -110,7 +110,7 @@ def tracked_run(
     cfg: RunConfig, log_with: str | None, echo: Callable[[str], None] = print
 ) -> dict[str, Any]:
     """`muse run`, logged to `log_with` (None: not logged); returns the report."""
-    from muse_bench.runner.run import Run
+    from muse_bench.runner import Run
 
     if log_with:
         check_tracker(log_with)
@@ -118,9 +118,9 @@ def tracked_run(
     fresh = cfg.force or not (run.dir / "report.json").is_file()
     if not (log_with and fresh and Processes.current().is_main):
         return run.execute()
-    tracker = make_tracker(log_with, run.run_id, cfg, run.task.corpus.name)
+    tracker = make_tracker(log_with, run.run_id, cfg, run.plan.task.corpus.name)
     try:
-        hparams = {"algo": run.algo_name, "seed": cfg.seed, **run.resolved_params}
+        hparams = {"algo": run.plan.algo_name, "seed": cfg.seed, **run.plan.resolved_params}
         tracker.store_init_configuration(
             {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in hparams.items()}
         )
