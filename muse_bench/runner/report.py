@@ -56,7 +56,7 @@ def run_report(
         "source": cfg.source,
         "engine": cfg.engine,
         "device": plan.device,
-        **{k: main[k] for k in EVAL_KEYS},
+        **{k: main.get(k) for k in EVAL_KEYS},  # results written before `extra` lack it
         "reference": {k: {"metrics": v["metrics"], "run_id": v["run_id"]} for k, v in refs.items()},
         "scale": fold_rows(plan, results, "scale"),
         "sustain": fold_rows(plan, results, "sustain"),
