@@ -87,6 +87,16 @@ COMMON = [
         "--trust-remote-code", is_flag=True, help="Allow model repositories to run their own code."
     ),
     click.option("--quiet", is_flag=True, help="No progress bars."),
+    click.option(
+        "--robustness",
+        default=None,
+        metavar="LIST|none",
+        help=(
+            "Robustness checks after the evaluation, comma-separated: quant8, quant4, "
+            "quant4_nf4, relearn, relearn_all, relearn_retain, or none (muse run default: "
+            "quant4,relearn on the embedded benchmarks, none elsewhere; muse eval: none)."
+        ),
+    ),
 ]
 
 
@@ -257,6 +267,10 @@ def eval_cmd(model_spec: str, name: str | None, **kw) -> None:
     spec = getattr(task.models, model_spec) if reference else model_spec
     check_model(spec, cfg)
     check_model(task.models.retrain, cfg)  # privleak needs the retrain model's AUC
+    from muse_bench.robustness.stage import resolve_checks
+
+    # muse eval runs robustness checks only when asked
+    checks = tuple(c.name for c in resolve_checks(cfg, task)) if cfg.robustness else ()
     if name:
         label = name
     elif reference:
@@ -278,7 +292,9 @@ def eval_cmd(model_spec: str, name: str | None, **kw) -> None:
         allow_pickle=cfg.allow_pickle,
         trust_remote_code=cfg.trust_remote_code,
     )
-    report = eval_checkpoint(cfg, task, spec, label, rauc, echo=main_only(click.echo, procs))
+    report = eval_checkpoint(
+        cfg, task, spec, label, rauc, echo=main_only(click.echo, procs), checks=checks
+    )
     if not procs.is_main:  # launched as several processes: print once
         return
     _summary(report, {label: report["metrics"]})

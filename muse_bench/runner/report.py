@@ -34,9 +34,11 @@ def run_report(
     results: dict[str, dict[str, Any]],
     refs: dict[str, dict[str, Any]],
     total_s: float,
+    robustness: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The report of a finished run: the main request's evaluation, its selection curve,
-    the references' metrics, the scale and sustain folds, versions and timings."""
+    the references' metrics, the scale and sustain folds, the robustness checks
+    (`muse_bench.robustness.stage`), versions and timings."""
     cfg = plan.cfg
     main = results["single_1"]
     return {
@@ -60,6 +62,7 @@ def run_report(
         "reference": {k: {"metrics": v["metrics"], "run_id": v["run_id"]} for k, v in refs.items()},
         "scale": fold_rows(plan, results, "scale"),
         "sustain": fold_rows(plan, results, "sustain"),
+        "robustness": robustness or {},
         "versions": versions(),
         "created": now_iso(),
         "timings": {
