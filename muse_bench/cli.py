@@ -203,6 +203,21 @@ def _summary(report: dict, refs: dict[str, dict]) -> None:
         click.echo(f"{name:16s}" + "".join(_num(metrics.get(c)) for c in cols))
 
 
+def _robustness_summary(section: dict) -> None:
+    """One line per robustness check: the attacked forget metrics, with the attacked
+    target's and retrain model's beside them."""
+    for check, res in section.items():
+        refs = res.get("reference") or {}
+        parts = []
+        for m in ("verbmem_f", "knowmem_f"):
+            t = (refs.get("target") or {}).get("metrics", {}).get(m)
+            r = (refs.get("retrain") or {}).get("metrics", {}).get(m)
+            parts.append(
+                f"{m} {_num(res['metrics'].get(m), 0)} (target {_num(t, 0)}, retrain {_num(r, 0)})"
+            )
+        click.echo(f"  {check}: " + ", ".join(parts))
+
+
 @cli.command()
 @click.option(
     "--algo", required=True, help="Unlearner name (see muse list), module:Class or file.py:Class."
@@ -238,6 +253,7 @@ def run(**kw) -> None:
                 f"  {key} {fold['fold']}: {fold['docs']} docs, knowmem_f {_num(fold.get('knowmem_f'), 0)}, "
                 f"knowmem_r {_num(fold.get('knowmem_r'), 0)}, verbmem_f {_num(fold.get('verbmem_f'), 0)}"
             )
+    _robustness_summary(report.get("robustness") or {})
     run_dir = Path(report["model"]).parent.parent.parent if report.get("model") else None
     click.echo(f"\nreport: {run_dir / 'report.json' if run_dir else ''}")
     click.echo(f"leaderboard: {report.get('leaderboard', '')}")
@@ -298,6 +314,7 @@ def eval_cmd(model_spec: str, name: str | None, **kw) -> None:
     if not procs.is_main:  # launched as several processes: print once
         return
     _summary(report, {label: report["metrics"]})
+    _robustness_summary(report.get("robustness") or {})
     run_dir = cfg.out / task.corpus.name / safe_dir_name(label) / report["run_id"]
     click.echo(f"\nreport: {run_dir / 'report.json'}")
 

@@ -456,3 +456,40 @@ def test_sigkill_during_relearning_then_rerun_gives_the_same_report(mini_benchma
     with open(out / "leaderboard" / "news.csv", newline="") as fh:
         rows = [r for r in csv.DictReader(fh) if r["run_id"] == got["run_id"]]
     assert len(rows) == 1 and rows[0]["verbmem_f_quant8"] != ""
+
+
+@pytest.mark.slow
+def test_muse_eval_with_a_check_adds_the_section(mini_benchmark, tmp_path):
+    """`muse eval --robustness quant8` on the (random) mini target: the section has the
+    attacked metrics, both references (cached with provenance) and the derived numbers;
+    the target attacked against itself has recovery 1 and code agreement 1."""
+    data, target, retrain = mini_benchmark
+    out = tmp_path / "out"
+    args = ["eval", "--model", "target", "--corpus", "news", "--source", data]
+    args += ["--target", target, "--retrain", retrain, "--bootstrap", "10", "--device", "cpu"]
+    args += ["--quiet", "--out", out, "--robustness", "quant8"]
+    code, stdout, err = invoke_cli(args)
+    assert code == 0, stdout + err
+    (path,) = (out / "news" / "target").glob("*/report.json")
+    report = json.loads(path.read_text())
+    q = report["robustness"]["quant8"]
+    assert q["settings"] == {
+        "attack": "quantization",
+        "bits": 8,
+        "kind": "sym",
+        "group": None,
+        "per_tensor": False,
+    }
+    assert q["attack"]["group_sizes"] == [32, 64]  # whole rows: hidden 32, intermediate 64
+    assert set(q["reference"]) == {"target", "retrain"}
+    assert q["metrics"] == q["reference"]["target"]["metrics"]
+    assert q["derived"]["code_agreement"] == 1.0
+    for m in ("verbmem_f", "knowmem_f"):
+        rec = q["derived"]["recovery"][m]
+        assert rec is None or rec == pytest.approx(1.0)
+    assert 0 <= q["derived"]["retrain_code_agreement"] < 0.5  # two different random models
+    assert set(q["extra"]) >= {"es_f", "em_f", "gradnorm"}
+    cached = list((out / ".cache" / "robustness").glob("*.json"))
+    assert len(cached) == 2
+    prov = json.loads(cached[0].read_text())["provenance"]
+    assert {"benchmark", "model", "check", "settings", "harness_version"} <= set(prov)
