@@ -49,7 +49,8 @@ EXTRA_COLUMNS: tuple[str, ...] = (
     "run_id",
 )
 # Robustness checks (muse_bench.robustness): the attacked model's forget metrics, after
-# every other column, empty where a check did not run; older files without them are valid.
+# every other column, for each check some row ran (empty in rows that did not run it);
+# files without them (older ones, runs without checks) are valid.
 ROBUSTNESS_CHECKS: tuple[str, ...] = (
     "quant8",
     "quant4",
@@ -58,10 +59,13 @@ ROBUSTNESS_CHECKS: tuple[str, ...] = (
     "relearn_all",
     "relearn_retain",
 )
-ROBUSTNESS_COLUMNS: tuple[str, ...] = tuple(
-    f"{m}_{check}" for check in ROBUSTNESS_CHECKS for m in ("verbmem_f", "knowmem_f")
-)
-COLUMNS: tuple[str, ...] = (*MUSE_COLUMNS, *EXTRA_COLUMNS, *ROBUSTNESS_COLUMNS)
+CHECK_COLUMNS: dict[str, tuple[str, str]] = {
+    check: (f"verbmem_f_{check}", f"knowmem_f_{check}") for check in ROBUSTNESS_CHECKS
+}
+ROBUSTNESS_COLUMNS: tuple[str, ...] = tuple(c for cols in CHECK_COLUMNS.values() for c in cols)
+COLUMNS: tuple[str, ...] = (*MUSE_COLUMNS, *EXTRA_COLUMNS)
+#: The columns a leaderboard file is written with: the run's, then the robustness checks'.
+HEADER: tuple[str, ...] = (*COLUMNS, *ROBUSTNESS_COLUMNS)
 REQUIRED_COLUMNS: tuple[str, ...] = (*MUSE_COLUMNS, "benchmark", "run_id")
 REFERENCE_ALGOS: tuple[str, ...] = ("target", "retrain")
 
@@ -262,8 +266,12 @@ def _to_csv(header: Sequence[str], rows: Iterable[Mapping[str, str]]) -> str:
 
 
 def _header_for(existing: Sequence[str]) -> list[str]:
-    """Our columns, then any extra columns an existing file carries (kept, not dropped)."""
-    return [*COLUMNS, *(c for c in existing if c not in COLUMNS)]
+    """Our columns, the two robustness columns of every check some row ran (in
+    `ROBUSTNESS_CHECKS` order), then any other columns an existing file carries (kept,
+    not dropped)."""
+    present = set(existing)
+    robust = [c for cols in CHECK_COLUMNS.values() if present & set(cols) for c in cols]
+    return [*COLUMNS, *robust, *(c for c in existing if c not in HEADER)]
 
 
 # -------------------------------------------------------------------------- validation
