@@ -17,6 +17,9 @@ from muse_bench.robustness.checks import (
     make_check,
     parse_checks,
 )
+from muse_bench.robustness.checks import (
+    RELEARN_CHECKS as RELEARN_NAMES,
+)
 from muse_bench.robustness.derived import quant_numbers, r_score, ratio, relearn_numbers
 from muse_bench.robustness.mapping import (
     MAPPING_FILE,
@@ -494,3 +497,26 @@ def test_muse_eval_with_a_check_adds_the_section(mini_benchmark, tmp_path):
     assert len(cached) == 2
     prov = json.loads(cached[0].read_text())["provenance"]
     assert {"benchmark", "model", "check", "settings", "harness_version"} <= set(prov)
+
+
+def test_retain_control_has_the_forget_corpus_step_budget():
+    """relearn_retain trains on the first retain documents that give relearn_all's number
+    of steps per pass, so both controls take the same steps."""
+    from muse_bench.core.models import load_tokenizer
+    from muse_bench.data import embedded_models_dir, load_corpus
+    from muse_bench.robustness.checks import relearn_texts
+    from muse_bench.robustness.relearn import steps_per_pass
+    from muse_bench.training.packing import pack_texts
+
+    corpus = load_corpus("news")
+    tok = load_tokenizer(embedded_models_dir("news") / "target")
+    checks = {n: make_check(n, "embedded", corpus, 0) for n in RELEARN_NAMES}
+    texts = {n: relearn_texts(c, corpus, tok, 512) for n, c in checks.items()}
+    assert texts["relearn_all"] == list(corpus.forget)
+    assert texts["relearn"] == list(corpus.forget[:10])
+    steps = {n: steps_per_pass(len(pack_texts(t, tok, 512)), 4) for n, t in texts.items()}
+    assert steps["relearn_retain"] == steps["relearn_all"]
+    retain = texts["relearn_retain"]
+    assert retain == list(corpus.retain1[: len(retain)])
+    shorter = steps_per_pass(len(pack_texts(retain[:-1], tok, 512)), 4)
+    assert shorter < steps["relearn_all"]  # the fewest documents that reach it

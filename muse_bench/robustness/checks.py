@@ -67,6 +67,7 @@ class Check:
 
     @property
     def is_quant(self) -> bool:
+        """Whether the check quantizes (else it relearns)."""
         return self.scheme is not None
 
     def settings(self) -> dict[str, Any]:
