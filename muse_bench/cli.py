@@ -93,8 +93,8 @@ COMMON = [
         metavar="LIST|none",
         help=(
             "Robustness checks after the evaluation, comma-separated: quant8, quant4, "
-            "quant4_nf4, relearn, relearn_all, relearn_retain, or none (muse run default: "
-            "quant4,relearn on the embedded benchmarks, none elsewhere; muse eval: none)."
+            "quant4_nf4, relearn, relearn_all, relearn_retain, or none (the default; "
+            "quant4,relearn is the recommended set, about doubling a run's time)."
         ),
     ),
 ]
@@ -156,6 +156,12 @@ def list_cmd() -> None:
         f"\nMIA attacks (--attack): {', '.join(available_attacks(with_stats=True, with_ref=True))}"
     )
     click.echo(f"Engines (--engine): {', '.join(ENGINES.names())}")
+    from muse_bench.robustness.checks import CHECKS, RECOMMENDED_CHECKS
+
+    click.echo(
+        f"Robustness checks (--robustness LIST|none): {', '.join(CHECKS)}; "
+        f"default none, recommended: {','.join(RECOMMENDED_CHECKS)}"
+    )
 
 
 @cli.command()

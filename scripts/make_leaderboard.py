@@ -120,13 +120,25 @@ def main() -> None:
     ap.add_argument("--corpus", nargs="+", default=["news", "books"])
     ap.add_argument("--algo", nargs="+", default=BUILTIN, choices=UNLEARNERS.names())
     ap.add_argument("--work", type=Path, default=ROOT / "runs" / "published")
+    ap.add_argument(
+        "--robustness",
+        default="quant4,relearn",
+        help="robustness checks of every run (muse run --robustness; 'none' to skip)",
+    )
     args = ap.parse_args()
     reports: dict[str, list[dict]] = {}
     for corpus in args.corpus:
         for algo in args.algo:
             t = time.time()
             rep = run(
-                RunConfig(algo=algo, corpus=corpus, out=args.work, progress=False, device="cpu"),
+                RunConfig(
+                    algo=algo,
+                    corpus=corpus,
+                    out=args.work,
+                    progress=False,
+                    device="cpu",
+                    robustness=args.robustness,
+                ),
                 echo=lambda s: None,
             )
             print(

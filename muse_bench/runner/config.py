@@ -42,7 +42,7 @@ class RunConfig:
     progress: bool = True
     hub_source: str | None = None
     # robustness checks (`--robustness`): a comma-separated list, "none", or None for the
-    # default (muse_bench.robustness.checks.DEFAULT_CHECKS on the embedded benchmarks)
+    # default (muse_bench.robustness.checks.DEFAULT_CHECKS: none)
     robustness: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
