@@ -96,6 +96,16 @@ COMMON = [
             "tens of times slower); recorded in the report."
         ),
     ),
+    click.option(
+        "--robustness",
+        default=None,
+        metavar="LIST|none",
+        help=(
+            "Robustness checks after the evaluation, comma-separated: quant8, quant4, "
+            "quant4_nf4, relearn, relearn_all, relearn_retain, or none (the default; "
+            "quant4,relearn is the recommended set, about doubling a run's time)."
+        ),
+    ),
 ]
 
 
@@ -150,6 +160,12 @@ def list_cmd() -> None:
         click.echo(f"  {name:10s} {text}")
     click.echo(f"\nMIA attacks (--attack): {', '.join(listing['attacks'])}")
     click.echo(f"Engines (--engine): {', '.join(listing['engines'])}")
+    from muse_bench.robustness.checks import CHECKS, RECOMMENDED_CHECKS
+
+    click.echo(
+        f"Robustness checks (--robustness LIST|none): {', '.join(CHECKS)}; "
+        f"default none, recommended: {','.join(RECOMMENDED_CHECKS)}"
+    )
 
 
 @cli.command()
@@ -197,6 +213,21 @@ def _summary(report: dict, refs: dict[str, dict]) -> None:
         click.echo(f"{name:16s}" + "".join(_num(metrics.get(c)) for c in cols))
 
 
+def _robustness_summary(section: dict) -> None:
+    """One line per robustness check: the attacked forget metrics, with the attacked
+    target's and retrain model's beside them."""
+    for check, res in section.items():
+        refs = res.get("reference") or {}
+        parts = []
+        for m in ("verbmem_f", "knowmem_f"):
+            t = (refs.get("target") or {}).get("metrics", {}).get(m)
+            r = (refs.get("retrain") or {}).get("metrics", {}).get(m)
+            parts.append(
+                f"{m} {_num(res['metrics'].get(m), 0)} (target {_num(t, 0)}, retrain {_num(r, 0)})"
+            )
+        click.echo(f"  {check}: " + ", ".join(parts))
+
+
 @cli.command()
 @click.option(
     "--algo", required=True, help="Unlearner name (see muse list), module:Class or file.py:Class."
@@ -242,6 +273,7 @@ def run(log_with: str | None, **kw) -> None:
                 f"  {key} {fold['fold']}: {fold['docs']} docs, knowmem_f {_num(fold.get('knowmem_f'), 0)}, "
                 f"knowmem_r {_num(fold.get('knowmem_r'), 0)}, verbmem_f {_num(fold.get('verbmem_f'), 0)}"
             )
+    _robustness_summary(report.get("robustness") or {})
     run_dir = Path(report["model"]).parent.parent.parent if report.get("model") else None
     click.echo(f"\nreport: {run_dir / 'report.json' if run_dir else ''}")
     click.echo(f"leaderboard: {report.get('leaderboard', '')}")
@@ -273,6 +305,10 @@ def eval_cmd(model_spec: str, name: str | None, **kw) -> None:
     spec = getattr(task.models, model_spec) if reference else model_spec
     check_model(spec, cfg)
     check_model(task.models.retrain, cfg)  # privleak needs the retrain model's AUC
+    from muse_bench.robustness.stage import resolve_checks
+
+    # muse eval runs robustness checks only when asked
+    checks = tuple(c.name for c in resolve_checks(cfg, task)) if cfg.robustness else ()
     if name:
         label = name
     elif reference:
@@ -294,10 +330,13 @@ def eval_cmd(model_spec: str, name: str | None, **kw) -> None:
         allow_pickle=cfg.allow_pickle,
         trust_remote_code=cfg.trust_remote_code,
     )
-    report = eval_checkpoint(cfg, task, spec, label, rauc, echo=main_only(click.echo, procs))
+    report = eval_checkpoint(
+        cfg, task, spec, label, rauc, echo=main_only(click.echo, procs), checks=checks
+    )
     if not procs.is_main:  # launched as several processes: print once
         return
     _summary(report, {label: report["metrics"]})
+    _robustness_summary(report.get("robustness") or {})
     run_dir = cfg.out / task.corpus.name / safe_dir_name(label) / report["run_id"]
     click.echo(f"\nreport: {run_dir / 'report.json'}")
 

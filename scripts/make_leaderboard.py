@@ -22,6 +22,7 @@ from muse_bench.unlearners import UNLEARNERS
 ROOT = Path(__file__).resolve().parent.parent
 BUILTIN = ["ga", "ga_gdr", "ga_klr", "npo", "npo_gdr", "npo_klr", "tv", "whp"]
 START, END = "<!-- REFERENCE-TABLE -->", "<!-- /REFERENCE-TABLE -->"
+RSTART, REND = "<!-- ROBUSTNESS-TABLE -->", "<!-- /ROBUSTNESS-TABLE -->"
 
 
 def table(reports: dict[str, list[dict]]) -> str:
@@ -56,6 +57,67 @@ def table(reports: dict[str, list[dict]]) -> str:
     return "\n".join(lines)
 
 
+def _cell(x, fmt: str = ".1f") -> str:
+    return "" if x is None else format(x, fmt)
+
+
+def robustness_table(reports: dict[str, list[dict]]) -> str:
+    """The README's "Is the forgetting deep?" table: each model's forget metrics before
+    and after the default robustness checks (quant4, relearn), from the reports."""
+    lines = [
+        RSTART,
+        "",
+        "| corpus | model | verbmem_f | → quant4 | knowmem_f | → quant4 | quant4 codes = target |"
+        " verbmem_f held-out | → relearn | knowmem_f held-out | → relearn | relearn gap (knowmem_f) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for corpus, reps in reports.items():
+        sections = [r.get("robustness") or {} for r in reps]
+        first = next((s for s in sections if s), None)
+        rows = []
+        if first:
+            retrain_agree = (first.get("quant4") or {}).get("derived", {})
+            retrain_agree = retrain_agree.get("retrain_code_agreement")
+            for which, agree in (("target", 1.0), ("retrain", retrain_agree)):
+                refs = {k: v["reference"][which] for k, v in first.items()}
+                rows.append((which, refs, None, agree))
+        for r, sec in zip(reps, sections, strict=True):
+            if sec:
+                agree = (sec.get("quant4") or {}).get("derived", {}).get("code_agreement")
+                rows.append((r["algo"], sec, sec, agree))
+        for name, by_check, own, agree in rows:
+            q, rl = by_check.get("quant4") or {}, by_check.get("relearn") or {}
+            qb, qa = q.get("before", {}), q.get("metrics", {})
+            rb, ra = rl.get("before", {}), rl.get("metrics", {})
+            derived_r = (own or {}).get("relearn", {}).get("derived", {})
+            gap = (derived_r.get("relearn_gap") or {}).get("knowmem_f")
+            lines.append(
+                f"| {corpus} | {name} | {_cell(qb.get('verbmem_f'))} | {_cell(qa.get('verbmem_f'))}"
+                f" | {_cell(qb.get('knowmem_f'))} | {_cell(qa.get('knowmem_f'))}"
+                f" | {_cell(agree, '.3f')} | {_cell(rb.get('verbmem_f'))}"
+                f" | {_cell(ra.get('verbmem_f'))} | {_cell(rb.get('knowmem_f'))}"
+                f" | {_cell(ra.get('knowmem_f'))} | {_cell(gap, '+.1f')} |"
+            )
+    lines += [
+        "",
+        "Produced by `.venv/bin/python scripts/make_leaderboard.py` (`muse run --robustness "
+        "quant4,relearn`; held-out = the items of the forget documents `relearn` never trains "
+        "on).",
+        "",
+        REND,
+    ]
+    return "\n".join(lines)
+
+
+def _replace_block(text: str, start: str, end: str, block: str) -> str:
+    """`text` with the block between `start` and `end` replaced (unchanged if absent)."""
+    if start not in text:
+        return text
+    head, rest = text.split(start, 1)
+    tail = rest.split(end, 1)[1] if end in rest else rest
+    return head + block + tail
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -63,13 +125,25 @@ def main() -> None:
     ap.add_argument("--corpus", nargs="+", default=["news", "books"])
     ap.add_argument("--algo", nargs="+", default=BUILTIN, choices=UNLEARNERS.names())
     ap.add_argument("--work", type=Path, default=ROOT / "runs" / "published")
+    ap.add_argument(
+        "--robustness",
+        default="quant4,relearn",
+        help="robustness checks of every run (muse run --robustness; 'none' to skip)",
+    )
     args = ap.parse_args()
     reports: dict[str, list[dict]] = {}
     for corpus in args.corpus:
         for algo in args.algo:
             t = time.time()
             rep = run(
-                RunConfig(algo=algo, corpus=corpus, out=args.work, progress=False, device="cpu"),
+                RunConfig(
+                    algo=algo,
+                    corpus=corpus,
+                    out=args.work,
+                    progress=False,
+                    device="cpu",
+                    robustness=args.robustness,
+                ),
                 echo=lambda s: None,
             )
             print(
@@ -86,15 +160,17 @@ def main() -> None:
     page = render(csvs, ROOT / "leaderboard")
     print(f"rendered {page}")
     readme = (ROOT / "README.md").read_text()
-    if START in readme:
-        head, rest = readme.split(START, 1)
-        tail = rest.split(END, 1)[1] if END in rest else rest
-        (ROOT / "README.md").write_text(head + table(reports) + tail)
+    readme = _replace_block(readme, START, END, table(reports))
+    readme = _replace_block(readme, RSTART, REND, robustness_table(reports))
+    (ROOT / "README.md").write_text(readme)
     (ROOT / "leaderboard" / "reports.json").write_text(
         json.dumps(
             {
                 c: [
-                    {k: r[k] for k in ("algo", "run_id", "selected", "metrics", "ci", "params")}
+                    {
+                        k: r.get(k)
+                        for k in ("algo", "run_id", "selected", "metrics", "ci", "params", "extra")
+                    }
                     for r in reps
                 ]
                 for c, reps in reports.items()

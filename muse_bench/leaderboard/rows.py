@@ -48,7 +48,24 @@ EXTRA_COLUMNS: tuple[str, ...] = (
     "date",
     "run_id",
 )
+# Robustness checks (muse_bench.robustness): the attacked model's forget metrics, after
+# every other column, for each check some row ran (empty in rows that did not run it);
+# files without them (older ones, runs without checks) are valid.
+ROBUSTNESS_CHECKS: tuple[str, ...] = (
+    "quant8",
+    "quant4",
+    "quant4_nf4",
+    "relearn",
+    "relearn_all",
+    "relearn_retain",
+)
+CHECK_COLUMNS: dict[str, tuple[str, str]] = {
+    check: (f"verbmem_f_{check}", f"knowmem_f_{check}") for check in ROBUSTNESS_CHECKS
+}
+ROBUSTNESS_COLUMNS: tuple[str, ...] = tuple(c for cols in CHECK_COLUMNS.values() for c in cols)
 COLUMNS: tuple[str, ...] = (*MUSE_COLUMNS, *EXTRA_COLUMNS)
+#: The columns a leaderboard file is written with: the run's, then the robustness checks'.
+HEADER: tuple[str, ...] = (*COLUMNS, *ROBUSTNESS_COLUMNS)
 REQUIRED_COLUMNS: tuple[str, ...] = (*MUSE_COLUMNS, "benchmark", "run_id")
 REFERENCE_ALGOS: tuple[str, ...] = ("target", "retrain")
 
@@ -171,7 +188,26 @@ def row_from_report(report: Mapping[str, Any]) -> dict[str, str]:
         report.get("created") or datetime.now(timezone.utc).isoformat(timespec="seconds")
     )
     row["run_id"] = str(report["run_id"])
+    row.update(robustness_cells(report.get("robustness")))
     return row
+
+
+def robustness_cells(section: Any) -> dict[str, str]:
+    """The `verbmem_f_<check>` / `knowmem_f_<check>` cells of a report's `robustness`
+    section (checks that did not run, or whose metric is missing, stay absent)."""
+    if not section:
+        return {}
+    if not isinstance(section, Mapping):
+        raise DataError("report 'robustness' must be an object.")
+    cells = {}
+    for check, result in section.items():
+        if check not in ROBUSTNESS_CHECKS or not isinstance(result, Mapping):
+            continue
+        metrics = result.get("metrics") or {}
+        for m in ("verbmem_f", "knowmem_f"):
+            if metrics.get(m) is not None:
+                cells[f"{m}_{check}"] = _fmt_number(metrics[m], f"robustness {check} {m}")
+    return cells
 
 
 # ----------------------------------------------------------------------------- reading
@@ -230,8 +266,12 @@ def _to_csv(header: Sequence[str], rows: Iterable[Mapping[str, str]]) -> str:
 
 
 def _header_for(existing: Sequence[str]) -> list[str]:
-    """Our columns, then any extra columns an existing file carries (kept, not dropped)."""
-    return [*COLUMNS, *dict.fromkeys(c for c in existing if c not in COLUMNS)]
+    """Our columns, the two robustness columns of every check some row ran (in
+    `ROBUSTNESS_CHECKS` order), then any other columns an existing file carries (kept,
+    not dropped)."""
+    present = set(existing)
+    robust = [c for cols in CHECK_COLUMNS.values() if present & set(cols) for c in cols]
+    return [*COLUMNS, *robust, *dict.fromkeys(c for c in existing if c not in HEADER)]
 
 
 # -------------------------------------------------------------------------- validation
@@ -283,6 +323,11 @@ def row_problems(row: Mapping[str, str]) -> list[str]:
             problems.append(f"{m} = {cell} is outside [0, 100]")
         elif m == "privleak" and x < PRIVLEAK_MIN - _TOL:
             problems.append(f"privleak = {cell} is below -100, which no AUC can give")
+    for column in ROBUSTNESS_COLUMNS:
+        cell = (row.get(column) or "").strip()
+        x = _parse_float(cell) if cell else 0.0
+        if x is None or not -_TOL <= x <= 100 + _TOL:
+            problems.append(f"{column} = {cell!r} is not a number in [0, 100]")
     for m in METRICS:
         lo_cell, hi_cell = row.get(f"{m}_ci_lo") or "", row.get(f"{m}_ci_hi") or ""
         if not lo_cell and not hi_cell:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from muse_bench.core.errors import ConfigError
@@ -15,11 +15,16 @@ from muse_bench.metrics.bootstrap import (
     bootstrap_mean_ci,
     bootstrap_privleak_ci,
 )
+from muse_bench.metrics.extraction import engine_model, eval_extraction
 from muse_bench.metrics.knowmem import eval_knowmem
 from muse_bench.metrics.mia import (
     DEFAULT_ATTACK,
+    GRADNORM_ATTACK,
     available_attacks,
     check_attack,
+    gradnorm_auc,
+    gradnorm_scores,
+    mia_auc,
     submit_documents,
 )
 from muse_bench.metrics.privleak import privleak, split_aucs
@@ -39,6 +44,12 @@ class EvalResult:
       the retrain AUC was computed with (the one privleak uses) also has "privleak",
       the others do not, since privleak compares AUCs of the same attack only.
     - `attack`, `retrain_auc`, `n_bootstrap`, `seed`: the settings the numbers depend on.
+    - `extra`: the metrics beyond MUSE's four (SPEC-robustness §3): `es_f` and `em_f`,
+      extraction strength and exact memorization on the verbmem forget items (×100), and
+      their `ci`, and `gradnorm`, the GradNorm MIA's AUC in MUSE's orientation (`auc`, like
+      `attacks`) and in open-unlearning's (`auc_ou` = 1 - auc); empty when the engine has
+      no torch model behind it (vllm). GradNorm needs gradients, so it is not one of the
+      `--attack` choices for privleak.
     - `examples`: per-example records; "verbmem_f", "knowmem_f", "knowmem_r" as returned
       by the metric functions (scores ×100), "privleak" one record per document with
       its split ("forget" or "holdout"), its index in that split and every attack score.
@@ -52,6 +63,7 @@ class EvalResult:
     retrain_auc: RetrainAUC
     n_bootstrap: int
     seed: int
+    extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serialisable copy (non-finite numbers become None)."""
@@ -71,6 +83,7 @@ class EvalResult:
                     "seed": self.seed,
                     "level": DEFAULT_LEVEL,
                 },
+                "extra": self.extra,
                 "examples": self.examples,
             }
         )
@@ -134,6 +147,7 @@ def evaluate(
         knowmem_r = eval_knowmem(
             engine, corpus.retain_qa, corpus.retain_qa_icl, desc=desc("knowmem_r")
         )
+        extraction = eval_extraction(engine, corpus.verbmem_forget)
         forget, holdout = (p.result() for p in pending)
     except BaseException:
         for p in pending:  # the scoring not started yet is no longer wanted
@@ -167,6 +181,29 @@ def evaluate(
         attack_table[name] = {"auc": auc}
         if name == retrain_auc.attack:
             attack_table[name]["privleak"] = privleak(auc, retrain_auc.auc)
+    extra: dict[str, Any] = {}
+    model = engine_model(engine)
+    if model is not None:  # GradNorm needs gradients: after the scoring, on the model itself
+        grads = [
+            gradnorm_scores(model, engine.tokenizer, texts)
+            for texts in (corpus.privleak_forget, corpus.privleak_holdout)
+        ]
+        extra[GRADNORM_ATTACK] = {"auc": mia_auc(*grads), "auc_ou": gradnorm_auc(*grads)}
+        for split, scores in zip((forget, holdout), grads, strict=True):
+            for doc, score in zip(split, scores, strict=True):
+                doc[GRADNORM_ATTACK] = score
+    if extraction is not None:
+        extra |= {
+            "es_f": extraction.es,
+            "em_f": extraction.em,
+            "ci": {
+                name: list(bootstrap_mean_ci(scores, n_resamples=n_bootstrap, seed=[seed, i]))
+                for name, scores, i in (
+                    ("es_f", extraction.es_scores, 4),
+                    ("em_f", extraction.em_scores, 5),
+                )
+            },
+        }
     documents = [
         {"split": split, "id": i, **scores}
         for split, docs in (("forget", forget), ("holdout", holdout))
@@ -181,11 +218,13 @@ def evaluate(
             "knowmem_f": knowmem_f.records,
             "knowmem_r": knowmem_r.records,
             "privleak": documents,
+            **({"extraction": extraction.records} if extraction is not None else {}),
         },
         attack=attack,
         retrain_auc=retrain_auc,
         n_bootstrap=n_bootstrap,
         seed=seed,
+        extra=extra,
     )
 
 

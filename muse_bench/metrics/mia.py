@@ -237,3 +237,83 @@ def auc_pairs(forget: np.ndarray, holdout: np.ndarray) -> np.ndarray:
     """The (holdout x forget) matrix whose mean is the MIA AUC: 1 where the holdout
     document scores lower, 1/2 on a tie, 0 otherwise (MUSE's orientation)."""
     return (holdout[:, None] < forget[None, :]) + 0.5 * (holdout[:, None] == forget[None, :])
+
+
+# ----------------------------------------------------------------------------- GradNorm
+# Duan et al. 2024 / open-unlearning's `mia_gradnorm` (SPEC-robustness §3.3). It needs
+# gradients, so it runs on the torch model behind the engine, not through `Engine`.
+
+GRADNORM_ATTACK = "gradnorm"
+GRADNORM_NORMS = (1, 2, float("inf"))
+
+
+def mean_gradient_norm(grads: Sequence[object], p: float = 2) -> float:
+    """The mean over tensors of each tensor's gradient p-norm (not the global norm)."""
+    import torch
+
+    if p not in GRADNORM_NORMS:
+        raise ConfigError(f"GradNorm's p must be one of 1, 2, inf, not {p}.")
+    norms = [torch.linalg.vector_norm(g.detach().double().flatten(), ord=p) for g in grads]
+    if not norms:
+        return float("nan")
+    return float(torch.stack(norms).mean())
+
+
+def gradnorm_scores(
+    model, tokenizer, texts: Sequence[str], *, p: float = 2, max_length: int = 2048
+) -> list[float]:
+    """GradNorm score of each text: the mean per-tensor gradient p-norm of the text's mean
+    token NLL (the first token has no loss), batch 1.
+
+    Higher = larger gradients = less likely a member, MUSE's orientation of the other
+    attacks, so `mia_auc` applies as it is. The model's weights, its existing `.grad`s,
+    its `requires_grad` flags and its train/eval mode are left as they were.
+    """
+    import torch
+
+    params = list(model.parameters())
+    device = params[0].device
+    saved_grads = [q.grad for q in params]
+    saved_flags = [q.requires_grad for q in params]
+    was_training = model.training
+    limit = min(
+        max_length,
+        getattr(getattr(model, "config", None), "max_position_embeddings", 0) or max_length,
+    )
+    scores = []
+    try:
+        model.eval()
+        for q in params:
+            q.requires_grad_(True)
+        for text in texts:
+            ids = list(tokenizer(text)["input_ids"])[:limit]
+            if len(ids) < 2:
+                scores.append(float("nan"))
+                continue
+            for q in params:
+                q.grad = None
+            input_ids = torch.tensor([ids], dtype=torch.long, device=device)
+            with torch.enable_grad():
+                logits = model(
+                    input_ids=input_ids,
+                    attention_mask=torch.ones_like(input_ids),
+                    position_ids=torch.arange(len(ids), device=device)[None],
+                    use_cache=False,
+                ).logits
+                logp = torch.log_softmax(logits[0, :-1].float(), dim=-1)
+                nll = -logp.gather(-1, input_ids[0, 1:, None]).mean()
+                nll.backward()
+            scores.append(mean_gradient_norm([q.grad for q in params if q.grad is not None], p))
+    finally:
+        for q, g, flag in zip(params, saved_grads, saved_flags, strict=True):
+            q.grad = g
+            q.requires_grad_(flag)
+        model.train(was_training)
+    return scores
+
+
+def gradnorm_auc(forget_scores: Sequence[float], holdout_scores: Sequence[float]) -> float:
+    """open-unlearning's GradNorm AUC: P(score(holdout) > score(forget)), ties 1/2 (forget
+    labelled 0, holdout 1, on the raw score). Near 1 when forget texts look like members;
+    it is `1 - mia_auc` of the same scores."""
+    return 1.0 - mia_auc(forget_scores, holdout_scores)

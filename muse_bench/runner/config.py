@@ -42,6 +42,9 @@ class RunConfig:
     progress: bool = True
     hub_source: str | None = None
     flush_denormal: bool = True
+    # robustness checks (`--robustness`): a comma-separated list, "none", or None for the
+    # default (muse_bench.robustness.checks.DEFAULT_CHECKS: none)
+    robustness: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -82,6 +85,10 @@ def check_config(cfg: RunConfig) -> str:
         raise ConfigError(f"--bootstrap must be >= 1 resample, got {cfg.n_bootstrap}.")
     if cfg.seed < 0:
         raise ConfigError(f"--seed must be >= 0, got {cfg.seed}.")
+    if cfg.robustness is not None:
+        from muse_bench.robustness.checks import parse_checks
+
+        parse_checks(cfg.robustness)  # names only; the corpus is checked with the task
     device = run_device(cfg.device)
     engine = check_engine(cfg.engine, device)
     check_attack(cfg.attack, with_stats=getattr(engine, "supports_stats", True), with_ref=False)

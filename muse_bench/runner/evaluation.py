@@ -12,7 +12,7 @@ from muse_bench.runner.config import RunConfig
 from muse_bench.task import Task
 
 #: The keys of an evaluation that a report keeps (the examples go to their own file).
-EVAL_KEYS = ("metrics", "ci", "attack", "attacks", "retrain_auc", "bootstrap")
+EVAL_KEYS = ("metrics", "ci", "attack", "attacks", "retrain_auc", "bootstrap", "extra")
 
 
 def evaluate_model(engine, task: Task, rauc: RetrainAUC, cfg: RunConfig):
@@ -40,4 +40,4 @@ def write_examples(run_dir: Path, label: str, result) -> Path:
 def eval_payload(result) -> dict[str, Any]:
     """The part of an evaluation that a report or a request's result keeps."""
     d = result.to_dict()
-    return {k: d[k] for k in EVAL_KEYS}
+    return {k: d.get(k) for k in EVAL_KEYS}

@@ -5,7 +5,10 @@
    evaluations, cached per benchmark so later runs reuse them;
 3. train each request (`request.py`): unlearn, select a candidate (`selection.py`),
    evaluate it (`evaluation.py`);
-4. publish: the report (`report.py`) and its leaderboard row (`records.py`).
+4. robustness (`muse_bench.robustness.stage`): the checks of `--robustness` on the main
+   request's model, each written to disk as it finishes, with their target and retrain
+   references cached per benchmark;
+5. publish: the report (`report.py`) and its leaderboard row (`records.py`).
 
 Every stage leaves its result on disk before the next starts, so running the same
 command again after an interruption continues where it stopped, and a finished run is
@@ -61,7 +64,11 @@ class Run:
     """
 
     def __init__(self, cfg: RunConfig, echo: Callable[[str], None] = print) -> None:
+        from muse_bench.robustness.stage import resolve_checks
+
         self.plan: RunPlan = plan_run(cfg, echo)
+        # before any write: a check that cannot run on this corpus stops the run here
+        self.checks = tuple(c.name for c in resolve_checks(cfg, self.plan.task))
 
     @property
     def run_id(self) -> str:
@@ -131,14 +138,38 @@ class Run:
             results[req.label] = results[key]
         return results
 
-    def publish(self, report: dict[str, Any]) -> dict[str, Any]:
+    def robustness(
+        self,
+        model: str | None,
+        before: dict[str, Any],
+        refs: dict[str, dict[str, Any]],
+        rauc: RetrainAUC,
+    ) -> dict[str, Any]:
+        """The robustness checks on the main request's saved model (each check's result
+        is on disk before the next starts)."""
+        from muse_bench.core.errors import ConfigError
+        from muse_bench.robustness.stage import robustness_section
+
+        if not self.checks:
+            return {}
+        if not model or not Path(model).exists():
+            raise ConfigError(
+                f"the robustness checks need the run's saved model, and '{model}' is gone; "
+                "rerun with --force."
+            )
+        plan = self.plan
+        return robustness_section(
+            plan.cfg, plan.task, rauc, self.checks, model, before, refs, plan.dir, plan.echo
+        )
+
+    def publish(self, report: dict[str, Any], replace: bool = False) -> dict[str, Any]:
         """Write report.json and the leaderboard row (main process); every process
         returns the main process's report (its timings, its row's path)."""
         cfg = self.plan.cfg
 
         def save() -> dict[str, Any]:
             atomic_write_json(self.plan.dir / "report.json", report)
-            report["leaderboard"] = str(publish(report, cfg.out, replace=cfg.force))
+            report["leaderboard"] = str(publish(report, cfg.out, replace=cfg.force or replace))
             return report
 
         return on_main(save, self.plan.procs)
@@ -149,15 +180,33 @@ class Run:
         if not cfg.force:
             report = on_main(lambda: reuse_report(report_path, cfg.out), plan.procs)
             if report is not None:
-                plan.echo(f"run {plan.run_id} already finished; use --force to redo it.")
-                return report
+                done = report.get("robustness") or {}
+                if all(name in done for name in self.checks):
+                    plan.echo(f"run {plan.run_id} already finished; use --force to redo it.")
+                    return report
+                return self._add_checks(report)
         started = time.time()
         on_main(self._start_dir, plan.procs)
         rauc, refs = self.references()
         references_s = time.time() - started
         results = self.train_requests(refs["retrain"]["metrics"]["knowmem_f"], rauc)
+        main = results["single_1"]
+        checks_started = time.time()
+        section = self.robustness(main["model"], main["metrics"], refs, rauc)
         timings = {"total_s": time.time() - started, "references_s": references_s}
-        return self.publish(run_report(plan, results, refs, timings))
+        if self.checks:
+            timings["robustness_s"] = time.time() - checks_started
+        return self.publish(run_report(plan, results, refs, timings, section))
+
+    def _add_checks(self, report: dict[str, Any]) -> dict[str, Any]:
+        """A finished run asked for checks its report lacks: run them, update the report
+        and replace its leaderboard row."""
+        self.plan.echo(f"run {self.plan.run_id} finished; adding robustness checks.")
+        rauc, refs = self.references()
+        section = self.robustness(report.get("model"), report["metrics"], refs, rauc)
+        report["robustness"] = {**(report.get("robustness") or {}), **section}
+        report.pop("leaderboard", None)
+        return self.publish(report, replace=True)
 
 
 def run(cfg: RunConfig, echo: Callable[[str], None] = print) -> dict[str, Any]:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -130,8 +130,12 @@ def eval_checkpoint(
     name: str,
     rauc: RetrainAUC,
     echo: Callable[[str], None] = print,
+    checks: Sequence[str] = (),
 ) -> dict[str, Any]:
-    """Evaluate one checkpoint (`muse eval`); cached by benchmark, weights and settings."""
+    """Evaluate one checkpoint (`muse eval`); cached by benchmark, weights and settings.
+
+    `checks` (robustness checks) are run on it after the evaluation and kept in the
+    report's `robustness` section; a cached report that lacks some gets them added."""
     path = check_model(model_spec, cfg)
     identity = {
         "benchmark": task.corpus.benchmark_id,
@@ -148,7 +152,7 @@ def eval_checkpoint(
     report_path = run_dir / "report.json"
     report = None if cfg.force else on_main(lambda: reuse_report(report_path, cfg.out))
     if report is not None:
-        return report
+        return _with_checks(cfg, task, rauc, report, str(path), run_dir, checks, echo)
     start = time.time()
     device = run_device(cfg.device)
     numerics = apply_numerics(cfg)
@@ -179,12 +183,45 @@ def eval_checkpoint(
             **eval_payload(result),
             "scale": None,
             "sustain": None,
+            "robustness": {},
             "versions": versions(),
             "created": now_iso(),
             "timings": {"total_s": round(time.time() - start, 2)},
         }
         atomic_write_json(report_path, report)
         publish(report, cfg.out, replace=cfg.force)
+        return report
+
+    report = on_main(save)
+    return _with_checks(cfg, task, rauc, report, str(path), run_dir, checks, echo)
+
+
+def _with_checks(
+    cfg: RunConfig,
+    task: Task,
+    rauc: RetrainAUC,
+    report: dict[str, Any],
+    model_path: str,
+    run_dir: Path,
+    checks: Sequence[str],
+    echo: Callable[[str], None],
+) -> dict[str, Any]:
+    """`report` with the robustness checks it lacks run and added (report.json and the
+    leaderboard row rewritten then)."""
+    from muse_bench.robustness.stage import robustness_section
+
+    done = report.get("robustness") or {}
+    if all(name in done for name in checks):
+        return report
+    refs = reference_reports(cfg, task, rauc, echo)
+    section = robustness_section(
+        cfg, task, rauc, checks, model_path, report["metrics"], refs, run_dir, echo
+    )
+
+    def save() -> dict[str, Any]:
+        report["robustness"] = {**done, **section}
+        atomic_write_json(run_dir / "report.json", report)
+        publish(report, cfg.out, replace=True)
         return report
 
     return on_main(save)

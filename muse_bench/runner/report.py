@@ -34,10 +34,12 @@ def run_report(
     results: dict[str, dict[str, Any]],
     refs: dict[str, dict[str, Any]],
     timings: dict[str, float],
+    robustness: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The report of a finished run: the main request's evaluation, its selection curve,
-    the references' metrics, the scale and sustain folds, versions and timings (the run's
-    stages in `timings`: total_s, references_s; each request's under its label)."""
+    the references' metrics, the scale and sustain folds, the robustness checks
+    (`muse_bench.robustness.stage`), versions and timings (the run's stages in `timings`:
+    total_s, references_s, robustness_s; each request's under its label)."""
     cfg = plan.cfg
     main = results["single_1"]
     return {
@@ -58,10 +60,11 @@ def run_report(
         "engine": cfg.engine,
         "device": plan.device,
         "numerics": plan.numerics,
-        **{k: main[k] for k in EVAL_KEYS},
+        **{k: main.get(k) for k in EVAL_KEYS},  # results written before `extra` lack it
         "reference": {k: {"metrics": v["metrics"], "run_id": v["run_id"]} for k, v in refs.items()},
         "scale": fold_rows(plan, results, "scale"),
         "sustain": fold_rows(plan, results, "sustain"),
+        "robustness": robustness or {},
         "versions": versions(),
         "created": now_iso(),
         "timings": {
