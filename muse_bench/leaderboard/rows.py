@@ -48,7 +48,12 @@ EXTRA_COLUMNS: tuple[str, ...] = (
     "date",
     "run_id",
 )
-COLUMNS: tuple[str, ...] = (*MUSE_COLUMNS, *EXTRA_COLUMNS)
+# Columns that make a row re-verifiable (`muse leaderboard verify`): the run manifest's
+# digest, and for a row over several seeds (`muse run --seeds`) the seeds and the standard
+# deviation of each metric across them. Older files without them stay valid.
+STD_COLUMNS: tuple[str, ...] = tuple(f"{m}_std" for m in METRICS)
+TRUST_COLUMNS: tuple[str, ...] = ("manifest", "seeds", *STD_COLUMNS)
+COLUMNS: tuple[str, ...] = (*MUSE_COLUMNS, *EXTRA_COLUMNS, *TRUST_COLUMNS)
 REQUIRED_COLUMNS: tuple[str, ...] = (*MUSE_COLUMNS, "benchmark", "run_id")
 REFERENCE_ALGOS: tuple[str, ...] = ("target", "retrain")
 
@@ -171,7 +176,30 @@ def row_from_report(report: Mapping[str, Any]) -> dict[str, str]:
         report.get("created") or datetime.now(timezone.utc).isoformat(timespec="seconds")
     )
     row["run_id"] = str(report["run_id"])
+    row.update(trust_cells(report))
     return row
+
+
+def trust_cells(report: Mapping[str, Any]) -> dict[str, str]:
+    """The `manifest`, `seeds` and `<metric>_std` cells of a report's row (empty when the
+    report has no manifest or is a single-seed run)."""
+    cells = dict.fromkeys(TRUST_COLUMNS, "")
+    manifest = report.get("manifest")
+    if isinstance(manifest, Mapping):
+        from muse_bench.runner.manifest import manifest_cell
+
+        cells["manifest"] = _compact_json(manifest_cell(manifest))
+    seeds = report.get("seeds")
+    if isinstance(seeds, Mapping):
+        values = seeds.get("seeds") or []
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+            raise DataError(f"report 'seeds.seeds' must be a list of integers, got {values!r}.")
+        cells["seeds"] = ",".join(str(v) for v in values)
+        for m in METRICS:
+            std = (seeds.get("std") or {}).get(m)
+            if std is not None:
+                cells[f"{m}_std"] = _fmt_number(std, f"{m} std across seeds")
+    return cells
 
 
 # ----------------------------------------------------------------------------- reading
@@ -306,6 +334,26 @@ def row_problems(row: Mapping[str, str]) -> list[str]:
     for column in ("scale", "sustain"):
         if row.get(column):
             problems += _fold_problems(row[column], column)
+    return problems + _trust_problems(row)
+
+
+def _trust_problems(row: Mapping[str, str]) -> list[str]:
+    """What is wrong with a row's manifest, seeds and std cells."""
+    problems = []
+    if row.get("manifest"):
+        try:
+            cell = json.loads(row["manifest"])
+        except json.JSONDecodeError:
+            cell = None
+        if not isinstance(cell, dict):
+            problems.append("manifest is not a JSON object")
+    seeds = row.get("seeds") or ""
+    if seeds and not re.fullmatch(r"\d+(,\d+)*", seeds.strip()):
+        problems.append(f"seeds = {seeds!r} is not a comma-separated list of integers")
+    for column in STD_COLUMNS:
+        cell = (row.get(column) or "").strip()
+        if cell and ((x := _parse_float(cell)) is None or x < 0):
+            problems.append(f"{column} = {cell!r} is not a finite number >= 0")
     return problems
 
 

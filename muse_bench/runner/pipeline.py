@@ -32,6 +32,7 @@ from muse_bench.core.distributed import held_by_main, on_main
 from muse_bench.core.io import atomic_write_json, check_writable_dir, try_lock
 from muse_bench.core.types import ForgetRequest, RetrainAUC
 from muse_bench.runner.config import RunConfig
+from muse_bench.runner.manifest import batch_notice, plan_manifest
 from muse_bench.runner.plan import RunPlan, plan_run
 from muse_bench.runner.records import publish, reuse_report
 from muse_bench.runner.references import reference_reports, retrain_auc
@@ -62,6 +63,8 @@ class Run:
 
     def __init__(self, cfg: RunConfig, echo: Callable[[str], None] = print) -> None:
         self.plan: RunPlan = plan_run(cfg, echo)
+        for line in batch_notice(plan_manifest(self.plan)):
+            self.plan.echo(line)
 
     @property
     def run_id(self) -> str:

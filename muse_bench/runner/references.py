@@ -26,6 +26,7 @@ from muse_bench.engines import make_engine
 from muse_bench.engines.sharded import shard
 from muse_bench.runner.config import RunConfig, check_model, run_device, safe_dir_name
 from muse_bench.runner.evaluation import eval_payload, evaluate_model, write_examples
+from muse_bench.runner.manifest import run_manifest
 from muse_bench.runner.records import now_iso, publish, reuse_report, short_hash, versions
 from muse_bench.task import Task, local_model_dir, model_fingerprint
 
@@ -171,6 +172,17 @@ def eval_checkpoint(
             "scale": None,
             "sustain": None,
             "versions": versions(),
+            "manifest": run_manifest(
+                task=task,
+                device=device,
+                params={},
+                seed=cfg.seed,
+                attack=cfg.attack,
+                n_bootstrap=cfg.n_bootstrap,
+                select=None,
+                engine=cfg.engine,
+                eval_batch_size=cfg.batch_size,
+            ),
             "created": now_iso(),
             "timings": {"total_s": round(time.time() - start, 2)},
         }

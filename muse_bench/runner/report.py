@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from muse_bench.runner.evaluation import EVAL_KEYS
+from muse_bench.runner.manifest import plan_manifest
 from muse_bench.runner.plan import RunPlan
 from muse_bench.runner.records import now_iso, versions
 
@@ -61,6 +62,7 @@ def run_report(
         "scale": fold_rows(plan, results, "scale"),
         "sustain": fold_rows(plan, results, "sustain"),
         "versions": versions(),
+        "manifest": plan_manifest(plan),
         "created": now_iso(),
         "timings": {
             "total_s": round(total_s, 2),
