@@ -211,11 +211,20 @@ def _summary(report: dict, refs: dict[str, dict]) -> None:
     help="Model selection: first (MUSE: first epoch/alpha with knowmem_f <= retrain's) or last.",
 )
 @click.option("--name", default=None, help="Leaderboard name of this run (default: the algo).")
-def run(**kw) -> None:
+@click.option(
+    "--seeds",
+    default=None,
+    metavar="S1,S2,...",
+    help="Run once per seed and publish one row: the mean, with the std across seeds.",
+)
+def run(seeds: str | None, **kw) -> None:
     """Unlearn, evaluate six ways, write report.json and a leaderboard row."""
     from muse_bench.core.distributed import Processes
     from muse_bench.runner import run as do_run
 
+    if seeds is not None:
+        _run_seeds(seeds, _config(**kw))
+        return
     report = do_run(_config(**kw), echo=click.echo)
     if not Processes.current().is_main:  # launched as several processes: print once
         return
@@ -231,6 +240,27 @@ def run(**kw) -> None:
     run_dir = Path(report["model"]).parent.parent.parent if report.get("model") else None
     click.echo(f"\nreport: {run_dir / 'report.json' if run_dir else ''}")
     click.echo(f"leaderboard: {report.get('leaderboard', '')}")
+
+
+def _run_seeds(text: str, cfg) -> None:
+    """`muse run --seeds`: the runs, then the mean and spread next to the interval."""
+    from muse_bench.core.distributed import Processes
+    from muse_bench.core.errors import ConfigError
+    from muse_bench.runner.seeds import parse_seeds, run_seeds
+
+    seeds = parse_seeds(text)
+    if cfg.seed != 0:
+        raise ConfigError("give --seed or --seeds, not both.")
+    report = run_seeds(cfg, seeds, echo=click.echo)
+    if not Processes.current().is_main:
+        return
+    click.echo(f"\n{report['name']} over seeds {text}: mean ± std across seeds [bootstrap 95% CI]")
+    for m, value in report["metrics"].items():
+        std, ci = report["seeds"]["std"].get(m), report["ci"].get(m)
+        interval = f"[{ci[0]:.1f}, {ci[1]:.1f}]" if ci else ""
+        click.echo(f"  {m:10s} {_num(value, 7)} ± {_num(std, 0)}  {interval}")
+    click.echo(f"\nreport: {report['report']}")
+    click.echo(f"leaderboard: {report['leaderboard']}")
 
 
 @cli.command("eval")

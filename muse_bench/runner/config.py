@@ -41,6 +41,9 @@ class RunConfig:
     trust_remote_code: bool = False
     progress: bool = True
     hub_source: str | None = None
+    #: False for the single-seed runs of `muse run --seeds`: their rows are not
+    #: published, only the row of their mean (runner/seeds.py)
+    publish: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
 
 

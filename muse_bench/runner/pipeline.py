@@ -141,7 +141,8 @@ class Run:
 
         def save() -> dict[str, Any]:
             atomic_write_json(self.plan.dir / "report.json", report)
-            report["leaderboard"] = str(publish(report, cfg.out, replace=cfg.force))
+            if cfg.publish:
+                report["leaderboard"] = str(publish(report, cfg.out, replace=cfg.force))
             return report
 
         return on_main(save, self.plan.procs)
@@ -150,7 +151,7 @@ class Run:
         plan, cfg = self.plan, self.plan.cfg
         report_path = plan.dir / "report.json"
         if not cfg.force:
-            report = on_main(lambda: reuse_report(report_path, cfg.out), plan.procs)
+            report = on_main(lambda: reuse_report(report_path, cfg.out, cfg.publish), plan.procs)
             if report is not None:
                 plan.echo(f"run {plan.run_id} already finished; use --force to redo it.")
                 return report
