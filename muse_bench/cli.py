@@ -375,6 +375,53 @@ def render(csv_paths, output: Path) -> None:
     click.echo(f"wrote {page}")
 
 
+@leaderboard.command()
+@click.argument("csv_path", type=click.Path(path_type=Path))
+@click.option(
+    "--name", "names", multiple=True, help="Verify only this row (name or run id; repeatable)."
+)
+@click.option(
+    "--tolerance",
+    default=0.0,
+    show_default=True,
+    type=float,
+    help="Accept reruns within this many metric points (0: equal at the row's 4 decimals).",
+)
+@click.option(
+    "--within-ci", is_flag=True, help="Also accept a rerun inside the row's bootstrap interval."
+)
+@click.option("--device", default="cpu", show_default=True, help="Device of the reruns.")
+@click.option("--source", default=None, help="Data source of the rows (default: from benchmark).")
+@click.option(
+    "--out",
+    default=None,
+    type=click.Path(path_type=Path),
+    help="Keep the reruns here (default: a temporary directory, removed).",
+)
+def verify(csv_path: Path, names, tolerance, within_ci, device, source, out) -> None:
+    """Re-run published rows and check their numbers come back (exit 1 if not)."""
+    from muse_bench.leaderboard.verify import describe, verify_csv
+
+    def show(result) -> None:
+        for line in describe(result):
+            click.echo(line)
+
+    results = verify_csv(
+        csv_path,
+        names,
+        out=out,
+        tolerance=tolerance,
+        within_ci=within_ci,
+        device=device,
+        source=source,
+        on_row=show,
+    )
+    bad = [r for r in results if not r.ok]
+    click.echo(f"\n{len(results) - len(bad)} of {len(results)} row(s) reproduced.")
+    if bad:
+        sys.exit(1)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: user errors become one line on stderr and a non-zero exit."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
