@@ -6,8 +6,8 @@ import json
 import math
 
 import pytest
-
 from conftest import invoke_cli
+
 from muse_bench.core.errors import ConfigError
 from muse_bench.leaderboard import rows as lb
 from muse_bench.runner import RunConfig
