@@ -316,6 +316,23 @@ def eval_cmd(model_spec: str, name: str | None, **kw) -> None:
     click.echo(f"\nreport: {run_dir / 'report.json'}")
 
 
+@cli.command()
+@click.argument("report_path", type=click.Path(path_type=Path))
+@click.option(
+    "--table",
+    "tables",
+    multiple=True,
+    help="Published table to compare with: muse, open-unlearning, quantization (default: all).",
+)
+def compare(report_path: Path, tables) -> None:
+    """Print a run next to the published numbers for its method and corpus."""
+    from muse_bench.published import TABLE_FILES
+    from muse_bench.published.compare import compare_report, format_comparison, read_report
+
+    report = read_report(report_path)
+    click.echo(format_comparison(report, compare_report(report, tables or tuple(TABLE_FILES))))
+
+
 @cli.group()
 def leaderboard() -> None:
     """Validate, merge and render leaderboard CSVs."""
