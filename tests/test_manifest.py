@@ -169,3 +169,20 @@ def test_old_files_and_bad_cells(tmp_path) -> None:
     assert "seeds = '0,x'" in lb.row_problems({**base, "seeds": "0,x"})[0]
     assert "knowmem_f_std" in lb.row_problems({**base, "knowmem_f_std": "-1"})[0]
     assert lb.row_problems({**base, "seeds": "0,1,2", "knowmem_f_std": "0.5"}) == []
+
+
+@pytest.mark.slow
+def test_eval_report_and_row_carry_the_manifest(tmp_path, task) -> None:
+    from conftest import invoke_cli
+
+    code, out, err = invoke_cli(
+        ["eval", "--model", "target", "--corpus", "news", "--bootstrap", "10", "--out", tmp_path]
+    )
+    assert code == 0, err
+    (path,) = tmp_path.glob("news/target/*/report.json")
+    m = json.loads(path.read_text())["manifest"]
+    assert m["hashes"]["data"] == mf.data_fingerprint(task.corpus.data_dir)
+    assert m["hashes"]["target"]["weights"] == mf.model_fingerprint(task.models.target)
+    assert m["evaluation"]["n_bootstrap"] == 10 and m["batch"] is None
+    _, rows = lb.read_csv(tmp_path / "leaderboard" / "news.csv")
+    assert json.loads(rows[0]["manifest"])["sha"] == mf.manifest_hash(m)

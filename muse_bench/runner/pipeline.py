@@ -35,6 +35,7 @@ from muse_bench.runner.config import RunConfig
 from muse_bench.runner.manifest import batch_notice, plan_manifest
 from muse_bench.runner.plan import RunPlan, plan_run
 from muse_bench.runner.records import publish, reuse_report
+from muse_bench.runner.ref_attack import retrain_losses
 from muse_bench.runner.references import reference_reports, retrain_auc
 from muse_bench.runner.report import run_report
 from muse_bench.runner.request import unlearn_request
@@ -115,7 +116,17 @@ class Run:
             allow_pickle=cfg.allow_pickle,
             trust_remote_code=cfg.trust_remote_code,
         )
-        return rauc, reference_reports(cfg, plan.task, rauc, plan.echo)
+        refs = reference_reports(cfg, plan.task, rauc, plan.echo)
+        # the `ref` attack's retrain losses, cached now that no other model is loaded
+        retrain_losses(
+            plan.task,
+            cfg.out / ".cache",
+            plan.device,
+            cfg.batch_size,
+            cfg.allow_pickle,
+            cfg.trust_remote_code,
+        )
+        return rauc, refs
 
     def train_requests(self, threshold: float, rauc: RetrainAUC) -> dict[str, dict[str, Any]]:
         """Every request's result, by label (`single_1` is the main request)."""

@@ -28,6 +28,7 @@ from muse_bench.runner.config import RunConfig, check_model, run_device, safe_di
 from muse_bench.runner.evaluation import eval_payload, evaluate_model, write_examples
 from muse_bench.runner.manifest import run_manifest
 from muse_bench.runner.records import now_iso, publish, reuse_report, short_hash, versions
+from muse_bench.runner.ref_attack import retrain_losses, with_reference_attack
 from muse_bench.task import Task, local_model_dir, model_fingerprint
 
 # MUSE's published forget-vs-holdout Min-40% AUCs of its retrain models. Used for hub
@@ -145,6 +146,11 @@ def eval_checkpoint(
         return report
     start = time.time()
     device = run_device(cfg.device)
+    # the retrain model's per-document losses for the `ref` attack (cached), loaded and
+    # freed before the evaluated model is
+    losses = retrain_losses(
+        task, cfg.out / ".cache", device, cfg.batch_size, cfg.allow_pickle, cfg.trust_remote_code
+    )
     engine, _ = open_engine(
         str(path), cfg.engine, device, cfg.batch_size, cfg.allow_pickle, cfg.trust_remote_code
     )
@@ -153,7 +159,9 @@ def eval_checkpoint(
 
     def save() -> dict[str, Any]:
         """Write the examples, report and leaderboard row (main process only)."""
-        write_examples(run_dir, "eval", result)
+        examples = write_examples(run_dir, "eval", result)
+        payload = eval_payload(result)
+        payload["attacks"] = with_reference_attack(payload["attacks"], examples, losses)
         report = {
             "name": name,
             "run_id": run_id,
@@ -168,7 +176,7 @@ def eval_checkpoint(
             "data_dir": str(task.corpus.data_dir),
             "engine": cfg.engine,
             "device": device,
-            **eval_payload(result),
+            **payload,
             "scale": None,
             "sustain": None,
             "versions": versions(),

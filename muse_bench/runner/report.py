@@ -9,6 +9,7 @@ from muse_bench.runner.evaluation import EVAL_KEYS
 from muse_bench.runner.manifest import plan_manifest
 from muse_bench.runner.plan import RunPlan
 from muse_bench.runner.records import now_iso, versions
+from muse_bench.runner.ref_attack import retrain_losses, with_reference_attack
 
 
 def fold_rows(
@@ -40,6 +41,17 @@ def run_report(
     the references' metrics, the scale and sustain folds, versions and timings."""
     cfg = plan.cfg
     main = results["single_1"]
+    losses = retrain_losses(  # cached by the reference stage
+        plan.task,
+        cfg.out / ".cache",
+        plan.device,
+        cfg.batch_size,
+        cfg.allow_pickle,
+        cfg.trust_remote_code,
+    )
+    attacks = with_reference_attack(
+        main["attacks"], plan.dir / "examples" / "single_1.json", losses
+    )
     return {
         "name": cfg.name or plan.algo_name,
         "run_id": plan.run_id,
@@ -58,6 +70,7 @@ def run_report(
         "engine": cfg.engine,
         "device": plan.device,
         **{k: main[k] for k in EVAL_KEYS},
+        "attacks": attacks,
         "reference": {k: {"metrics": v["metrics"], "run_id": v["run_id"]} for k, v in refs.items()},
         "scale": fold_rows(plan, results, "scale"),
         "sustain": fold_rows(plan, results, "sustain"),
