@@ -174,3 +174,16 @@ def test_every_published_row_verifies(tmp_path, path) -> None:
     results = vf.verify_csv(path, out=tmp_path)
     bad = [line for r in results if not r.ok for line in vf.describe(r)]
     assert not bad, "\n".join(bad)
+
+
+def test_provenance_notes_name_what_changed() -> None:
+    row = {"manifest": json.dumps({"data": "aaa", "commit": "c1"})}
+    report = {"manifest": {"hashes": {"data": "bbb"}, "harness": {"git": {"commit": "c1xyz"}}}}
+    notes = vf.provenance_notes(row, report)
+    assert notes == [
+        "data differs: the row's aaa, the rerun's bbb",
+        "commit differs: the row's c1, the rerun's c1xyz",
+    ]
+    same = {"manifest": {"hashes": {"data": "aaa"}, "harness": {"git": {"commit": "c1"}}}}
+    assert vf.provenance_notes(row, same) == []
+    assert vf.provenance_notes({}, report) == []  # an older row records neither

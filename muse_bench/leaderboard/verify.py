@@ -237,6 +237,23 @@ def compare(
     return checks
 
 
+def provenance_notes(row: Mapping[str, str], report: Mapping[str, Any]) -> list[str]:
+    """Where the rerun's manifest differs from the row's digest in what decides numbers:
+    the data files and the harness commit (the likely cause when a row does not
+    reproduce)."""
+    cell = _manifest(row)
+    manifest = report.get("manifest") or {}
+    here = {
+        "data": (manifest.get("hashes") or {}).get("data"),
+        "commit": (((manifest.get("harness") or {}).get("git") or {}).get("commit") or "")[:12],
+    }
+    return [
+        f"{what} differs: the row's {cell[what]}, the rerun's {here[what]}"
+        for what in ("data", "commit")
+        if cell.get(what) and here[what] and cell[what] != here[what]
+    ]
+
+
 def select_rows(rows: Sequence[Mapping[str, str]], names: Sequence[str]) -> list:
     """The rows named `names` (by name or run id; all rows when none); ConfigError for a
     name no row has."""
@@ -268,6 +285,7 @@ def verify_row(
     except ConfigError as exc:
         return RowCheck(name, run_id, "unverifiable", str(exc))
     checks = compare(row, report, tolerance, within_ci)
+    notes = [*notes, *provenance_notes(row, report)]
     if report.get("run_id") != run_id:
         notes = [*notes, f"rerun id {report.get('run_id')} (ids include local model paths)"]
     if not checks:
