@@ -132,6 +132,10 @@ def test_select_rows_and_bad_input(tmp_path) -> None:
     assert code != 0 and "no such file" in err
     code, _, err = invoke_cli(["leaderboard", "verify", str(NEWS), "--tolerance", "-1"])
     assert code != 0 and "--tolerance" in err
+    (tmp_path / "used").mkdir()
+    (tmp_path / "used" / "x").write_text("")
+    code, _, err = invoke_cli(["leaderboard", "verify", str(NEWS), "--out", tmp_path / "used"])
+    assert code != 0 and "not empty" in err and err.count("\n") == 1
 
 
 def edited_csv(tmp_path: Path, source: Path, names: list[str], **cells: str) -> Path:

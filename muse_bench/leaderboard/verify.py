@@ -209,8 +209,9 @@ def compare(
     within_ci: bool = False,
 ) -> list[MetricCheck]:
     """Each metric of `row`, its interval bounds (and its std across seeds, for a
-    `--seeds` row) against the rerun's `report`. A metric agrees when equal at the row's precision, or within
-    `tolerance` points, or (with `within_ci`) inside the row's bootstrap interval."""
+    `--seeds` row) against the rerun's `report`. A metric agrees when equal at the row's
+    precision, or within `tolerance` points, or (with `within_ci`) inside the row's
+    bootstrap interval."""
     checks = []
     std = ((report.get("seeds") or {}).get("std")) or {}
     pairs = [(m, report["metrics"].get(m), m) for m in METRICS]
@@ -310,6 +311,11 @@ def verify_csv(
     shared by the rows of one call). `on_row` sees each verdict as it comes."""
     if tolerance < 0:
         raise ConfigError(f"--tolerance must be >= 0, got {tolerance}.")
+    if out is not None and out.is_dir() and any(out.iterdir()):
+        raise ConfigError(
+            f"--out {out} is not empty: finished runs there would be reused, not re-run; "
+            "give a new or empty directory."
+        )
     problems = validate(csv_path)
     if problems:
         raise ConfigError(f"{csv_path}: {problems[0]} Run `muse leaderboard validate`.")
