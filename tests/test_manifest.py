@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import shutil
@@ -186,3 +187,19 @@ def test_eval_report_and_row_carry_the_manifest(tmp_path, task) -> None:
     assert m["evaluation"]["n_bootstrap"] == 10 and m["batch"] is None
     _, rows = lb.read_csv(tmp_path / "leaderboard" / "news.csv")
     assert json.loads(rows[0]["manifest"])["sha"] == mf.manifest_hash(m)
+
+
+def test_run_prints_the_effective_batch(plain_env, tmp_path) -> None:
+    from muse_bench.runner import Run, RunConfig
+
+    lines: list[str] = []
+    cfg = RunConfig(algo="ga", corpus="news", out=tmp_path, device="cpu", progress=False)
+    Run(cfg, echo=lines.append)  # planning only: nothing trained, nothing written
+    assert lines == [
+        "effective batch: 4 chunks of 512 tokens per optimizer step "
+        "(4 per device x 1 accumulation x 1 process(es))"
+    ]
+    lines.clear()
+    Run(dataclasses.replace(cfg, params=("batch_size=2",)), echo=lines.append)
+    assert lines[1].startswith("warning: the effective batch 2 differs from the embedded-news-v2")
+    assert not any(tmp_path.iterdir())
