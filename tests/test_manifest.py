@@ -33,8 +33,6 @@ def task():
 
 def ga_params(**over):
     cls = get_unlearner_class("ga")
-    import dataclasses
-
     unl = cls(**{**cls.defaults_for("embedded-news-v2"), **over})
     return dataclasses.asdict(unl)
 
