@@ -254,7 +254,10 @@ def _run_seeds(text: str, cfg) -> None:
     report = run_seeds(cfg, seeds, echo=click.echo)
     if not Processes.current().is_main:
         return
-    click.echo(f"\n{report['name']} over seeds {text}: mean ± std across seeds [bootstrap 95% CI]")
+    click.echo(
+        f"\n{report['name']} over seeds {text}: mean ± std across seeds "
+        "[mean of the seeds' bootstrap 95% CIs]"
+    )
     for m, value in report["metrics"].items():
         std, ci = report["seeds"]["std"].get(m), report["ci"].get(m)
         interval = f"[{ci[0]:.1f}, {ci[1]:.1f}]" if ci else ""
