@@ -82,17 +82,31 @@ def test_run_seeds_publishes_one_row(tmp_path, monkeypatch) -> None:
         seen.append((cfg.seed, cfg.publish))
         return fake_report(cfg.seed)
 
-    monkeypatch.setattr(sd, "run", fake_run)
+    def fake_run_with_refs(cfg, echo):
+        rep = fake_run(cfg, echo)
+        rep["reference"] = {}
+        for which in ("target", "retrain"):  # each seed evaluates the references itself
+            ref = {**fake_report(cfg.seed), "algo": which, "name": which}
+            ref["run_id"] = f"{which}-s{cfg.seed}"
+            ref_dir = tmp_path / "news" / which / ref["run_id"]
+            ref_dir.mkdir(parents=True)
+            (ref_dir / "report.json").write_text(json.dumps(ref))
+            rep["reference"][which] = {"run_id": ref["run_id"], "metrics": ref["metrics"]}
+        return rep
+
+    monkeypatch.setattr(sd, "run", fake_run_with_refs)
     cfg = RunConfig(algo="ga", corpus="news", out=tmp_path, progress=False)
     report = sd.run_seeds(cfg, (0, 1, 2), echo=lambda _: None)
     assert seen == [(0, False), (1, False), (2, False)]  # per-seed rows not published
     saved = json.loads(open(report["report"]).read())
     assert saved["metrics"]["knowmem_f"] == pytest.approx(3.0)
     header, rows = lb.read_csv(tmp_path / "leaderboard" / "news.csv")
-    assert len(rows) == 1 and rows[0]["run_id"] == report["run_id"]
-    assert math.isclose(float(rows[0]["knowmem_f_std"]), 3.0)
-    sd.run_seeds(cfg, (0, 1, 2), echo=lambda _: None)  # again: still one row
-    assert len(lb.read_csv(tmp_path / "leaderboard" / "news.csv")[1]) == 1
+    # the first seed's reference rows, then the mean: one row per model
+    assert [r["run_id"] for r in rows] == ["target-s0", "retrain-s0", report["run_id"]]
+    assert math.isclose(float(rows[2]["knowmem_f_std"]), 3.0)
+    monkeypatch.setattr(sd, "run", fake_run)  # again (finished runs): still one mean row
+    sd.run_seeds(cfg, (0, 1, 2), echo=lambda _: None)
+    assert len(lb.read_csv(tmp_path / "leaderboard" / "news.csv")[1]) == 3
     with pytest.raises(ConfigError, match="single protocol"):
         sd.run_seeds(RunConfig(algo="ga", corpus="news", protocol="scale"), (0, 1))
 

@@ -141,7 +141,7 @@ def eval_checkpoint(
     run_id = f"{dir_name}-{short_hash(identity)}"
     run_dir = cfg.out / task.corpus.name / dir_name / run_id
     report_path = run_dir / "report.json"
-    report = None if cfg.force else on_main(lambda: reuse_report(report_path, cfg.out))
+    report = None if cfg.force else on_main(lambda: reuse_report(report_path, cfg.out, cfg.publish))
     if report is not None:
         return report
     start = time.time()
@@ -195,7 +195,8 @@ def eval_checkpoint(
             "timings": {"total_s": round(time.time() - start, 2)},
         }
         atomic_write_json(report_path, report)
-        publish(report, cfg.out, replace=cfg.force)
+        if cfg.publish:  # not for the single-seed runs of --seeds (runner/seeds.py)
+            publish(report, cfg.out, replace=cfg.force)
         return report
 
     return on_main(save)

@@ -9,8 +9,10 @@ deterministic): it is the training's noise. A difference between two methods sma
 than either is not a difference.
 
 Each seed's run is an ordinary run with its own directory and report (resumable, reused
-when finished) whose row is not published; the mean's report lives in
-`OUT/<corpus>/<algo>/<algo>-seeds-<hash>/report.json` and is published as one row.
+when finished) whose row is not published, nor are the rows of its target and retrain
+evaluations (each seed bootstraps with its own seed); the mean's report lives in
+`OUT/<corpus>/<algo>/<algo>-seeds-<hash>/report.json` and is published as one row, after
+the reference rows of the first seed.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from muse_bench.core.io import atomic_write_json
 from muse_bench.leaderboard.rows import METRICS
 from muse_bench.runner.config import RunConfig, safe_dir_name
 from muse_bench.runner.pipeline import run
-from muse_bench.runner.records import now_iso, publish, short_hash
+from muse_bench.runner.records import now_iso, publish, reuse_report, short_hash
 
 
 def parse_seeds(text: str) -> tuple[int, ...]:
@@ -124,6 +126,10 @@ def run_seeds(
     path = cfg.out / report["corpus"] / safe_dir_name(report["algo"]) / report["run_id"]
 
     def save() -> dict[str, Any]:
+        # the reference rows once: those of the first seed's evaluations
+        for which, ref in (reports[0].get("reference") or {}).items():
+            ref_dir = cfg.out / report["corpus"] / safe_dir_name(which) / ref["run_id"]
+            reuse_report(ref_dir / "report.json", cfg.out)
         atomic_write_json(Path(path) / "report.json", report)
         report["report"] = str(Path(path) / "report.json")
         report["leaderboard"] = str(publish(report, cfg.out, replace=True))
