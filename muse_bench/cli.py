@@ -251,11 +251,20 @@ def _robustness_summary(section: dict) -> None:
     default=None,
     help="Track training loss and per-epoch metrics: tensorboard (OUT/tensorboard), wandb or mlflow.",
 )
-def run(log_with: str | None, **kw) -> None:
+@click.option(
+    "--seeds",
+    default=None,
+    metavar="S1,S2,...",
+    help="Run once per seed and publish one row: the mean, with the std across seeds.",
+)
+def run(log_with: str | None, seeds: str | None, **kw) -> None:
     """Unlearn, evaluate six ways, write report.json and a leaderboard row."""
     from muse_bench.core.distributed import Processes
     from muse_bench.runner import run as do_run
 
+    if seeds is not None:
+        _run_seeds(seeds, _config(**kw))
+        return
     if log_with:
         from muse_bench.sweeps.tracking import tracked_run
 
@@ -277,6 +286,30 @@ def run(log_with: str | None, **kw) -> None:
     run_dir = Path(report["model"]).parent.parent.parent if report.get("model") else None
     click.echo(f"\nreport: {run_dir / 'report.json' if run_dir else ''}")
     click.echo(f"leaderboard: {report.get('leaderboard', '')}")
+
+
+def _run_seeds(text: str, cfg) -> None:
+    """`muse run --seeds`: the runs, then the mean and spread next to the interval."""
+    from muse_bench.core.distributed import Processes
+    from muse_bench.core.errors import ConfigError
+    from muse_bench.runner.seeds import parse_seeds, run_seeds
+
+    seeds = parse_seeds(text)
+    if cfg.seed != 0:
+        raise ConfigError("give --seed or --seeds, not both.")
+    report = run_seeds(cfg, seeds, echo=click.echo)
+    if not Processes.current().is_main:
+        return
+    click.echo(
+        f"\n{report['name']} over seeds {text}: mean ± std across seeds "
+        "[mean of the seeds' bootstrap 95% CIs]"
+    )
+    for m, value in report["metrics"].items():
+        std, ci = report["seeds"]["std"].get(m), report["ci"].get(m)
+        interval = f"[{ci[0]:.1f}, {ci[1]:.1f}]" if ci else ""
+        click.echo(f"  {m:10s} {_num(value, 7)} ± {_num(std, 0)}  {interval}")
+    click.echo(f"\nreport: {report['report']}")
+    click.echo(f"leaderboard: {report['leaderboard']}")
 
 
 @cli.command("eval")
@@ -371,6 +404,23 @@ def sweep(sweep_file: Path, out: Path, **kw) -> None:
     run_sweep(sweep_file, out, echo=click.echo, **kw)
 
 
+@cli.command()
+@click.argument("report_path", type=click.Path(path_type=Path))
+@click.option(
+    "--table",
+    "tables",
+    multiple=True,
+    help="Published table to compare with: muse, open-unlearning, quantization (default: all).",
+)
+def compare(report_path: Path, tables) -> None:
+    """Print a run next to the published numbers for its method and corpus."""
+    from muse_bench.published import TABLE_FILES
+    from muse_bench.published.compare import compare_report, format_comparison, read_report
+
+    report = read_report(report_path)
+    click.echo(format_comparison(report, compare_report(report, tables or tuple(TABLE_FILES))))
+
+
 @cli.group()
 def leaderboard() -> None:
     """Validate, merge and render leaderboard CSVs."""
@@ -428,6 +478,53 @@ def render(csv_paths, output: Path) -> None:
 
     page = do_render(list(csv_paths), output)
     click.echo(f"wrote {page}")
+
+
+@leaderboard.command()
+@click.argument("csv_path", type=click.Path(path_type=Path))
+@click.option(
+    "--name", "names", multiple=True, help="Verify only this row (name or run id; repeatable)."
+)
+@click.option(
+    "--tolerance",
+    default=0.0,
+    show_default=True,
+    type=float,
+    help="Accept reruns within this many metric points (0: equal at the row's 4 decimals).",
+)
+@click.option(
+    "--within-ci", is_flag=True, help="Also accept a rerun inside the row's bootstrap interval."
+)
+@click.option("--device", default="cpu", show_default=True, help="Device of the reruns.")
+@click.option("--source", default=None, help="Data source of the rows (default: from benchmark).")
+@click.option(
+    "--out",
+    default=None,
+    type=click.Path(path_type=Path),
+    help="Keep the reruns here (default: a temporary directory, removed).",
+)
+def verify(csv_path: Path, names, tolerance, within_ci, device, source, out) -> None:
+    """Re-run published rows and check their numbers come back (exit 1 if not)."""
+    from muse_bench.leaderboard.verify import describe, verify_csv
+
+    def show(result) -> None:
+        for line in describe(result):
+            click.echo(line)
+
+    results = verify_csv(
+        csv_path,
+        names,
+        out=out,
+        tolerance=tolerance,
+        within_ci=within_ci,
+        device=device,
+        source=source,
+        on_row=show,
+    )
+    bad = [r for r in results if not r.ok]
+    click.echo(f"\n{len(results) - len(bad)} of {len(results)} row(s) reproduced.")
+    if bad:
+        sys.exit(1)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -64,7 +64,7 @@ COMMANDS = {
 SCORE_RTOL = {"ga": 1e-5, "npo": 1e-5}
 REPORT_RTOL = 1e-6
 #: Report fields that differ by design between two runs (when, how long, where).
-UNCOMPARED = {"created", "timings", "model"}
+UNCOMPARED = {"created", "timings", "model", "manifest"}  # the manifest records the launch
 
 #: Installed as sitecustomize in the torchrun workers: records every write under
 #: MUSE_AUDIT_OUT (files opened for writing, created, renamed, removed; directories made
@@ -223,6 +223,10 @@ def test_two_processes_run_like_one(runs):
         assert got.keys() == want.keys()
         assert got["selected"] == want["selected"], name
         assert got.get("curve") == want.get("curve"), name
+        assert (
+            want["manifest"]["device"]["world_size"],
+            got["manifest"]["device"]["world_size"],
+        ) == (1, 2)
         compared = {k: v for k, v in want.items() if k not in UNCOMPARED}
         assert_close({k: got[k] for k in compared}, compared, REPORT_RTOL, name)
         # the ROUGE metrics exactly; privleak through the AUCs above

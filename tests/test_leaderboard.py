@@ -77,7 +77,7 @@ def test_columns_start_with_muse_and_have_cis() -> None:
     )  # fmt: skip
     assert lb.CI_COLUMNS[:3] == ("verbmem_f_ci_lo", "verbmem_f_ci_hi", "privleak_ci_lo")
     assert lb.CI_COLUMNS[-1] == "knowmem_r_ci_hi"
-    assert lb.COLUMNS[-5:] == ("scale", "sustain", "harness_version", "date", "run_id")
+    assert lb.EXTRA_COLUMNS[-5:] == ("scale", "sustain", "harness_version", "date", "run_id")
     assert len(set(lb.COLUMNS)) == len(lb.COLUMNS)
 
 

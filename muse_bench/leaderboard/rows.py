@@ -15,6 +15,7 @@ whole run being refused. `validate` reports such cells in files written by other
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import math
@@ -48,6 +49,11 @@ EXTRA_COLUMNS: tuple[str, ...] = (
     "date",
     "run_id",
 )
+# Columns that make a row re-verifiable (`muse leaderboard verify`): the run manifest's
+# digest, and for a row over several seeds (`muse run --seeds`) the seeds and the standard
+# deviation of each metric across them. Older files without them stay valid.
+STD_COLUMNS: tuple[str, ...] = tuple(f"{m}_std" for m in METRICS)
+TRUST_COLUMNS: tuple[str, ...] = ("manifest", "seeds", *STD_COLUMNS)
 # Robustness checks (muse_bench.robustness): the attacked model's forget metrics, after
 # every other column, for each check some row ran (empty in rows that did not run it);
 # files without them (older ones, runs without checks) are valid.
@@ -63,7 +69,7 @@ CHECK_COLUMNS: dict[str, tuple[str, str]] = {
     check: (f"verbmem_f_{check}", f"knowmem_f_{check}") for check in ROBUSTNESS_CHECKS
 }
 ROBUSTNESS_COLUMNS: tuple[str, ...] = tuple(c for cols in CHECK_COLUMNS.values() for c in cols)
-COLUMNS: tuple[str, ...] = (*MUSE_COLUMNS, *EXTRA_COLUMNS)
+COLUMNS: tuple[str, ...] = (*MUSE_COLUMNS, *EXTRA_COLUMNS, *TRUST_COLUMNS)
 #: The columns a leaderboard file is written with: the run's, then the robustness checks'.
 HEADER: tuple[str, ...] = (*COLUMNS, *ROBUSTNESS_COLUMNS)
 REQUIRED_COLUMNS: tuple[str, ...] = (*MUSE_COLUMNS, "benchmark", "run_id")
@@ -189,6 +195,7 @@ def row_from_report(report: Mapping[str, Any]) -> dict[str, str]:
     )
     row["run_id"] = str(report["run_id"])
     row.update(robustness_cells(report.get("robustness")))
+    row.update(trust_cells(report))
     return row
 
 
@@ -207,6 +214,58 @@ def robustness_cells(section: Any) -> dict[str, str]:
         for m in ("verbmem_f", "knowmem_f"):
             if metrics.get(m) is not None:
                 cells[f"{m}_{check}"] = _fmt_number(metrics[m], f"robustness {check} {m}")
+    return cells
+
+
+def manifest_hash(manifest: Mapping[str, Any]) -> str:
+    """A short hash of the full manifest (canonical JSON)."""
+    text = json.dumps(manifest, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def manifest_cell(manifest: Mapping[str, Any]) -> dict[str, Any]:
+    """The compact digest a leaderboard row carries: the settings a re-run needs that
+    the row has no column for, the hardware at a glance, and the full manifest's hash."""
+    dev = manifest.get("device") or {}
+    ev = manifest.get("evaluation") or {}
+    batch = manifest.get("batch") or {}
+    git = (manifest.get("harness") or {}).get("git") or {}
+    hashes = manifest.get("hashes") or {}
+    cell = {
+        "sha": manifest_hash(manifest),
+        "device": f"{dev.get('count', 1)}x{dev.get('type', '?')}",
+        "launcher": dev.get("launcher"),
+        "sharding": manifest.get("sharding"),
+        "dtype": manifest.get("dtype"),
+        "mp": manifest.get("mixed_precision"),
+        "eff_batch": batch.get("effective"),
+        "chunk": manifest.get("chunk_length"),
+        "attack": ev.get("attack"),
+        "select": ev.get("select"),
+        "bootstrap": ev.get("n_bootstrap"),
+        "data": hashes.get("data"),
+        "commit": (git.get("commit") or "")[:12] or None,
+    }
+    return {k: v for k, v in cell.items() if v is not None}
+
+
+def trust_cells(report: Mapping[str, Any]) -> dict[str, str]:
+    """The `manifest`, `seeds` and `<metric>_std` cells of a report's row (empty when the
+    report has no manifest or is a single-seed run)."""
+    cells = dict.fromkeys(TRUST_COLUMNS, "")
+    manifest = report.get("manifest")
+    if isinstance(manifest, Mapping):
+        cells["manifest"] = _compact_json(manifest_cell(manifest))
+    seeds = report.get("seeds")
+    if isinstance(seeds, Mapping):
+        values = seeds.get("seeds") or []
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+            raise DataError(f"report 'seeds.seeds' must be a list of integers, got {values!r}.")
+        cells["seeds"] = ",".join(str(v) for v in values)
+        for m in METRICS:
+            std = (seeds.get("std") or {}).get(m)
+            if std is not None:
+                cells[f"{m}_std"] = _fmt_number(std, f"{m} std across seeds")
     return cells
 
 
@@ -351,6 +410,26 @@ def row_problems(row: Mapping[str, str]) -> list[str]:
     for column in ("scale", "sustain"):
         if row.get(column):
             problems += _fold_problems(row[column], column)
+    return problems + _trust_problems(row)
+
+
+def _trust_problems(row: Mapping[str, str]) -> list[str]:
+    """What is wrong with a row's manifest, seeds and std cells."""
+    problems = []
+    if row.get("manifest"):
+        try:
+            cell = json.loads(row["manifest"])
+        except json.JSONDecodeError:
+            cell = None
+        if not isinstance(cell, dict):
+            problems.append("manifest is not a JSON object")
+    seeds = row.get("seeds") or ""
+    if seeds and not re.fullmatch(r"\d+(,\d+)*", seeds.strip()):
+        problems.append(f"seeds = {seeds!r} is not a comma-separated list of integers")
+    for column in STD_COLUMNS:
+        cell = (row.get(column) or "").strip()
+        if cell and ((x := _parse_float(cell)) is None or x < 0):
+            problems.append(f"{column} = {cell!r} is not a finite number >= 0")
     return problems
 
 

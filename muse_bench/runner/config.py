@@ -45,6 +45,9 @@ class RunConfig:
     # robustness checks (`--robustness`): a comma-separated list, "none", or None for the
     # default (muse_bench.robustness.checks.DEFAULT_CHECKS: none)
     robustness: str | None = None
+    #: False for the single-seed runs of `muse run --seeds`: their rows are not
+    #: published, only the row of their mean (runner/seeds.py)
+    publish: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
 
 

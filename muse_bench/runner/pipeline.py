@@ -35,8 +35,10 @@ from muse_bench.core.distributed import held_by_main, on_main
 from muse_bench.core.io import atomic_write_json, check_writable_dir, try_lock
 from muse_bench.core.types import ForgetRequest, RetrainAUC
 from muse_bench.runner.config import RunConfig
+from muse_bench.runner.manifest import batch_notice, plan_manifest
 from muse_bench.runner.plan import RunPlan, plan_run
 from muse_bench.runner.records import publish, reuse_report
+from muse_bench.runner.ref_attack import retrain_losses
 from muse_bench.runner.references import reference_reports, retrain_auc
 from muse_bench.runner.report import run_report
 from muse_bench.runner.request import unlearn_request
@@ -69,6 +71,8 @@ class Run:
         self.plan: RunPlan = plan_run(cfg, echo)
         # before any write: a check that cannot run on this corpus stops the run here
         self.checks = tuple(c.name for c in resolve_checks(cfg, self.plan.task))
+        for line in batch_notice(plan_manifest(self.plan)):
+            self.plan.echo(line)
 
     @property
     def run_id(self) -> str:
@@ -119,7 +123,17 @@ class Run:
             allow_pickle=cfg.allow_pickle,
             trust_remote_code=cfg.trust_remote_code,
         )
-        return rauc, reference_reports(cfg, plan.task, rauc, plan.echo)
+        refs = reference_reports(cfg, plan.task, rauc, plan.echo)
+        # the `ref` attack's retrain losses, cached now that no other model is loaded
+        retrain_losses(
+            plan.task,
+            cfg.out / ".cache",
+            plan.device,
+            cfg.batch_size,
+            cfg.allow_pickle,
+            cfg.trust_remote_code,
+        )
+        return rauc, refs
 
     def train_requests(self, threshold: float, rauc: RetrainAUC) -> dict[str, dict[str, Any]]:
         """Every request's result, by label (`single_1` is the main request)."""
@@ -169,7 +183,8 @@ class Run:
 
         def save() -> dict[str, Any]:
             atomic_write_json(self.plan.dir / "report.json", report)
-            report["leaderboard"] = str(publish(report, cfg.out, replace=cfg.force or replace))
+            if cfg.publish:
+                report["leaderboard"] = str(publish(report, cfg.out, replace=cfg.force or replace))
             return report
 
         return on_main(save, self.plan.procs)
@@ -178,7 +193,7 @@ class Run:
         plan, cfg = self.plan, self.plan.cfg
         report_path = plan.dir / "report.json"
         if not cfg.force:
-            report = on_main(lambda: reuse_report(report_path, cfg.out), plan.procs)
+            report = on_main(lambda: reuse_report(report_path, cfg.out, cfg.publish), plan.procs)
             if report is not None:
                 done = report.get("robustness") or {}
                 if all(name in done for name in self.checks):

@@ -61,11 +61,11 @@ def publish(report: dict[str, Any], out: Path, replace: bool = False) -> Path:
     return path
 
 
-def reuse_report(path: Path, out: Path) -> dict[str, Any] | None:
-    """The report of a finished run, its leaderboard row published again (idempotent), or
-    None when the run has not finished."""
+def reuse_report(path: Path, out: Path, publish_row: bool = True) -> dict[str, Any] | None:
+    """The report of a finished run, its leaderboard row published again (idempotent,
+    unless not `publish_row`), or None when the run has not finished."""
     report = read_json(path)
-    if report is not None:
+    if report is not None and publish_row:
         publish(report, out)
     return report
 

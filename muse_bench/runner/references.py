@@ -19,11 +19,8 @@ from typing import Any
 from muse_bench import __version__
 from muse_bench.core.distributed import on_main
 from muse_bench.core.io import atomic_write_json
-from muse_bench.core.models import load_model_and_tokenizer
 from muse_bench.core.types import RetrainAUC
 from muse_bench.data import data_fingerprint
-from muse_bench.engines import make_engine
-from muse_bench.engines.sharded import shard
 from muse_bench.runner.config import (
     RunConfig,
     apply_numerics,
@@ -31,32 +28,15 @@ from muse_bench.runner.config import (
     run_device,
     safe_dir_name,
 )
-from muse_bench.runner.evaluation import eval_payload, evaluate_model, write_examples
+from muse_bench.runner.evaluation import eval_payload, evaluate_model, open_engine, write_examples
+from muse_bench.runner.manifest import run_manifest
 from muse_bench.runner.records import now_iso, publish, reuse_report, short_hash, versions
+from muse_bench.runner.ref_attack import retrain_losses, with_reference_attack
 from muse_bench.task import Task, local_model_dir, model_fingerprint
 
 # MUSE's published forget-vs-holdout Min-40% AUCs of its retrain models. Used for hub
 # data only when asked (--retrain-auc published), and always recorded as such.
 PUBLISHED_RETRAIN_AUC = {"news": 0.4772, "books": 0.5393}
-
-
-def open_engine(
-    model_spec: str,
-    engine: str,
-    device: str,
-    batch_size: int,
-    allow_pickle: bool = False,
-    trust_remote_code: bool = False,
-):
-    """Load a checkpoint (path or hub id) and wrap it in an engine (split over the
-    processes when there are several)."""
-    path = local_model_dir(model_spec)
-    if engine == "hf":
-        model, tok = load_model_and_tokenizer(path, device, None, allow_pickle, trust_remote_code)
-        eng = make_engine("hf", model=model, tokenizer=tok, device=device, batch_size=batch_size)
-    else:
-        eng = make_engine(engine, model_path=str(path), device=device, batch_size=batch_size)
-    return shard(eng), path
 
 
 def _read_cache(path: Path) -> dict | None:
@@ -150,12 +130,17 @@ def eval_checkpoint(
     run_id = f"{dir_name}-{short_hash(identity)}"
     run_dir = cfg.out / task.corpus.name / dir_name / run_id
     report_path = run_dir / "report.json"
-    report = None if cfg.force else on_main(lambda: reuse_report(report_path, cfg.out))
+    report = None if cfg.force else on_main(lambda: reuse_report(report_path, cfg.out, cfg.publish))
     if report is not None:
         return _with_checks(cfg, task, rauc, report, str(path), run_dir, checks, echo)
     start = time.time()
     device = run_device(cfg.device)
     numerics = apply_numerics(cfg)
+    # the retrain model's per-document losses for the `ref` attack (cached), loaded and
+    # freed before the evaluated model is
+    losses = retrain_losses(
+        task, cfg.out / ".cache", device, cfg.batch_size, cfg.allow_pickle, cfg.trust_remote_code
+    )
     engine, _ = open_engine(
         str(path), cfg.engine, device, cfg.batch_size, cfg.allow_pickle, cfg.trust_remote_code
     )
@@ -164,7 +149,9 @@ def eval_checkpoint(
 
     def save() -> dict[str, Any]:
         """Write the examples, report and leaderboard row (main process only)."""
-        write_examples(run_dir, "eval", result)
+        examples = write_examples(run_dir, "eval", result)
+        payload = eval_payload(result)
+        payload["attacks"] = with_reference_attack(payload["attacks"], examples, losses)
         report = {
             "name": name,
             "run_id": run_id,
@@ -180,16 +167,28 @@ def eval_checkpoint(
             "engine": cfg.engine,
             "device": device,
             "numerics": numerics,
-            **eval_payload(result),
+            **payload,
             "scale": None,
             "sustain": None,
             "robustness": {},
             "versions": versions(),
+            "manifest": run_manifest(
+                task=task,
+                device=device,
+                params={},
+                seed=cfg.seed,
+                attack=cfg.attack,
+                n_bootstrap=cfg.n_bootstrap,
+                select=None,
+                engine=cfg.engine,
+                eval_batch_size=cfg.batch_size,
+            ),
             "created": now_iso(),
             "timings": {"total_s": round(time.time() - start, 2)},
         }
         atomic_write_json(report_path, report)
-        publish(report, cfg.out, replace=cfg.force)
+        if cfg.publish:  # not for the single-seed runs of --seeds (runner/seeds.py)
+            publish(report, cfg.out, replace=cfg.force)
         return report
 
     report = on_main(save)

@@ -6,8 +6,10 @@ from __future__ import annotations
 from typing import Any
 
 from muse_bench.runner.evaluation import EVAL_KEYS
+from muse_bench.runner.manifest import plan_manifest
 from muse_bench.runner.plan import RunPlan
 from muse_bench.runner.records import now_iso, versions
+from muse_bench.runner.ref_attack import retrain_losses, with_reference_attack
 
 
 def fold_rows(
@@ -42,6 +44,17 @@ def run_report(
     total_s, references_s, robustness_s; each request's under its label)."""
     cfg = plan.cfg
     main = results["single_1"]
+    losses = retrain_losses(  # cached by the reference stage
+        plan.task,
+        cfg.out / ".cache",
+        plan.device,
+        cfg.batch_size,
+        cfg.allow_pickle,
+        cfg.trust_remote_code,
+    )
+    attacks = with_reference_attack(
+        main["attacks"], plan.dir / "examples" / "single_1.json", losses
+    )
     return {
         "name": cfg.name or plan.algo_name,
         "run_id": plan.run_id,
@@ -61,11 +74,13 @@ def run_report(
         "device": plan.device,
         "numerics": plan.numerics,
         **{k: main.get(k) for k in EVAL_KEYS},  # results written before `extra` lack it
+        "attacks": attacks,
         "reference": {k: {"metrics": v["metrics"], "run_id": v["run_id"]} for k, v in refs.items()},
         "scale": fold_rows(plan, results, "scale"),
         "sustain": fold_rows(plan, results, "sustain"),
         "robustness": robustness or {},
         "versions": versions(),
+        "manifest": plan_manifest(plan),
         "created": now_iso(),
         "timings": {
             **{k: round(v, 2) for k, v in timings.items()},
