@@ -34,7 +34,7 @@ def test_readme_plugin_example_runs(mini_benchmark, tmp_path):
     plugin = tmp_path / "my_unlearner.py"
     plugin.write_text(readme_plugin_code())
     out = tmp_path / "out"
-    args = [*run_args(f"{plugin}:SimNPO", mini_benchmark, out), "-P", "lr=1e-3"]
+    args = [*run_args(f"{plugin}:MySimNPO", mini_benchmark, out), "-P", "lr=1e-3"]
     result = CliRunner().invoke(cli, args, catch_exceptions=False)
     assert result.exit_code == 0, result.output
     reports = [json.loads(p.read_text()) for p in out.glob("news/*/*/report.json")]
@@ -50,19 +50,19 @@ def test_entry_point_plugin_runs_through_muse_run(mini_benchmark, tmp_path):
     dist.mkdir(parents=True)
     (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: my-unlearner-pkg\nVersion: 0.1\n")
     (dist / "entry_points.txt").write_text(
-        "[muse_bench.unlearners]\nsimnpo = my_unlearner_mod:SimNPO\n"
+        "[muse_bench.unlearners]\nmy_simnpo = my_unlearner_mod:MySimNPO\n"
     )
     (site / "my_unlearner_mod.py").write_text(readme_plugin_code())
     out = tmp_path / "out"
     env = {**os.environ, "PYTHONPATH": str(site), "HF_HUB_OFFLINE": "1"}
     muse = Path(sys.executable).parent / "muse"
     proc = subprocess.run(
-        [str(muse), *run_args("simnpo", mini_benchmark, out)],
+        [str(muse), *run_args("my_simnpo", mini_benchmark, out)],
         env=env,
         capture_output=True,
         text=True,
         timeout=600,
     )
     assert proc.returncode == 0, proc.stderr
-    reports = [json.loads(p.read_text()) for p in out.glob("news/simnpo/*/report.json")]
+    reports = [json.loads(p.read_text()) for p in out.glob("news/my_simnpo/*/report.json")]
     assert len(reports) == 1 and reports[0]["params"]["beta"] == 3.0
