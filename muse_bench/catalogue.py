@@ -20,7 +20,7 @@ from muse_bench import __version__
 #: The entry-point groups through which installed packages register plugins.
 PLUGIN_GROUPS = ("muse_bench.unlearners", "muse_bench.engines")
 #: Bump when the listing's layout changes.
-LAYOUT = 1
+LAYOUT = 2
 
 
 def cache_dir() -> Path:
@@ -92,7 +92,11 @@ def build() -> dict[str, Any]:
                 ],
             }
         )
+    from muse_bench.robustness.checks import CHECKS, RECOMMENDED_CHECKS
+
     return {
+        "robustness_checks": list(CHECKS),
+        "recommended_checks": list(RECOMMENDED_CHECKS),
         "unlearners": methods,
         "attacks": list(available_attacks(with_stats=True, with_ref=True)),
         "engines": list(ENGINES.names()),

@@ -160,11 +160,9 @@ def list_cmd() -> None:
         click.echo(f"  {name:10s} {text}")
     click.echo(f"\nMIA attacks (--attack): {', '.join(listing['attacks'])}")
     click.echo(f"Engines (--engine): {', '.join(listing['engines'])}")
-    from muse_bench.robustness.checks import CHECKS, RECOMMENDED_CHECKS
-
     click.echo(
-        f"Robustness checks (--robustness LIST|none): {', '.join(CHECKS)}; "
-        f"default none, recommended: {','.join(RECOMMENDED_CHECKS)}"
+        f"Robustness checks (--robustness LIST|none): {', '.join(listing['robustness_checks'])}; "
+        f"default none, recommended: {','.join(listing['recommended_checks'])}"
     )
 
 
