@@ -191,6 +191,28 @@ def test_cosine_schedule_pin():
     assert lrs == pytest.approx([1e-5, 5e-6, 0.0], abs=1e-12)
 
 
+def test_relearn_config_is_the_spec_recipe(tiny_model, tiny_tokenizer, monkeypatch):
+    """relearn hands the training loop SPEC §2.2's recipe: cosine from lr to 0 over the
+    steps taken, no warmup, no weight decay, batch 4, the seed, the causal-LM loss."""
+    import muse_bench.training.loop as loop
+
+    seen = {}
+
+    def fake_train(model, tok, loss_fn, forget, retain, config, **kw):
+        seen.update(config=config, forget=forget, retain=retain)
+        return iter(())
+
+    monkeypatch.setattr(loop, "train", fake_train)
+    texts = ["The harbour of Velmora opened in 1871."] * 3
+    _, info = relearn(tiny_model, tiny_tokenizer, texts, RelearnSettings(5, 2e-4, seed=7))
+    cfg = seen["config"]
+    assert (cfg.lr_scheduler, cfg.warmup_steps, cfg.weight_decay) == ("cosine", 0, 0.0)
+    assert (cfg.lr, cfg.batch_size, cfg.seed, cfg.use_retain) == (2e-4, 4, 7, False)
+    assert cfg.max_len == 512  # the model's context
+    assert seen["forget"] == texts and seen["retain"] == []
+    assert info == {"chunks": 1, "passes": 5, "steps_done": 5} and cfg.epochs == 5
+
+
 def test_plan_passes():
     s = RelearnSettings(steps=25, lr=1e-4)
     assert plan_passes(8, s) == (13, 26)  # 2 steps a pass
