@@ -15,11 +15,51 @@ from muse_bench.protocols import check_protocol, requests
 def test_embedded_news_and_books_load():
     news = data.load_corpus("news", "embedded")
     books = data.load_corpus("books", "embedded")
-    assert news.benchmark_id == "embedded-news-v2"
+    assert news.benchmark_id == "embedded-news-v3" and books.benchmark_id == "embedded-books-v3"
     assert len(news.scal) == 4 and len(news.sust) == 4
     assert books.scal == () and books.sust == ()
-    assert news.forget_qa and news.retain_qa_icl and news.verbmem_forget
+    for c in (news, books):
+        assert len(c.verbmem_forget) == len(c.forget_qa) == len(c.retain_qa) == 100
+        assert len(c.privleak_forget) == len(c.privleak_retain) == len(c.privleak_holdout) == 100
+        # privleak items 2i and 2i+1 are the halves of forget document i
+        halves = c.privleak_forget
+        assert [a + "\n\n" + b for a, b in zip(halves[::2], halves[1::2], strict=True)] == list(
+            c.forget
+        )
+
+
+def test_embedded_v2_stays_loadable_with_its_models():
+    news = data.load_corpus("news-v2")
+    assert news.name == "news" and news.benchmark_id == "embedded-news-v2"
+    assert (len(news.forget), len(news.forget_qa), len(news.retain_qa)) == (20, 36, 76)
     assert news.privleak_forget == news.forget[: len(news.privleak_forget)]
+    assert data.load_corpus("news-v3").forget == data.load_corpus("news").forget
+    for spec in ("news-v2", "books-v2", "news", "books"):
+        for which in ("target", "retrain"):
+            assert (data.embedded_models_dir(spec) / which / "model.safetensors").is_file()
+    assert data.embedded_models_dir("books-v2").parent.name == "v2"
+
+
+def test_version_suffix_errors():
+    with pytest.raises(ConfigError, match=r"unknown embedded version 'news-v9'.*news-v2, news-v3"):
+        data.load_corpus("news-v9")
+    with pytest.raises(ConfigError, match="unknown corpus 'newz-v2'.*Did you mean: news"):
+        data.load_corpus("newz-v2")
+    with pytest.raises(ConfigError, match="use --corpus news with --source hub"):
+        data.load_corpus("news-v2", "hub")
+
+
+def test_item_documents_map_every_item_to_its_document():
+    docs = data.item_documents(data.embedded_dir("news"))
+    corpus = data.load_corpus("news")
+    assert len(docs["verbmem"]) == len(corpus.verbmem_forget)
+    for pair, d in zip(corpus.verbmem_forget, docs["verbmem"], strict=True):
+        assert corpus.forget[d].startswith(pair.prompt + pair.gt)
+    for key, split in (("forget_qa", corpus.forget), ("retain_qa", corpus.retain2)):
+        for qa, d in zip(getattr(corpus, key), docs[key], strict=True):
+            assert f"Question: {qa.question}\nAnswer: {qa.answer}" in split[d]
+    with pytest.raises(DataError, match="no integer 'doc' field"):
+        data.item_documents(data.embedded_dir("news-v2"))
 
 
 def test_directory_source_equals_embedded(tmp_path):
@@ -156,6 +196,6 @@ def test_protocol_requests_order_and_starts():
         "previous",
         "previous",
     ]
-    assert [len(r.forget) for r in reqs if r.protocol == "scale"] == [20, 40, 60, 80]
+    assert [len(r.forget) for r in reqs if r.protocol == "scale"] == [50, 100, 150, 200]
     with pytest.raises(ConfigError, match="Did you mean: scale"):
         requests("scal", news)
