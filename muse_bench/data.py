@@ -81,11 +81,14 @@ def embedded_versions() -> tuple[str, ...]:
     return VERSIONS
 
 
-def default_version() -> str:
-    """The version `--corpus news|books` means: the generator's current one."""
-    from muse_bench.tasks.worldgen import GENERATOR_VERSION
+# The version `--corpus news|books` means (a versioned name such as 'news-v2' picks
+# another). A new generator version becomes the default once its models are committed.
+DEFAULT_VERSIONS: dict[str, str] = {"news": "3", "books": "3"}
 
-    return GENERATOR_VERSION
+
+def default_version(name: str) -> str:
+    """The embedded version that corpus `name` (without a suffix) loads."""
+    return DEFAULT_VERSIONS[name]
 
 
 def parse_corpus(spec: str) -> tuple[str, str | None]:
@@ -107,7 +110,7 @@ def parse_corpus(spec: str) -> tuple[str, str | None]:
 def embedded_version_dir(spec: str) -> Path:
     """tasks/<corpus>/v<N>/: one embedded benchmark version's data/ and models/."""
     name, version = parse_corpus(spec)
-    return EMBEDDED_ROOT / name / f"v{version or default_version()}"
+    return EMBEDDED_ROOT / name / f"v{version or default_version(name)}"
 
 
 def embedded_dir(spec: str) -> Path:
@@ -261,7 +264,7 @@ def item_documents(data_dir: str | os.PathLike[str]) -> dict[str, tuple[int, ...
 def embedded_benchmark_id(spec: str) -> str:
     """Names the embedded data and reference-model version, e.g. 'embedded-news-v3'."""
     name, version = parse_corpus(spec)
-    return f"embedded-{name}-v{version or default_version()}"
+    return f"embedded-{name}-v{version or default_version(name)}"
 
 
 def hub_cache_dir(hub: HubDataset) -> Path:

@@ -23,14 +23,15 @@ def rebuild_embedded(corpus: str, epochs: int | None = None, log=print) -> None:
 
     `corpus` may name a version ('news-v2'); the default is the current version.
     """
-    from muse_bench.tasks.refmodels import MODEL_RECIPES, build_reference_models
+    from muse_bench.tasks.refmodels import MODEL_RECIPES_BY_VERSION, build_reference_models
     from muse_bench.tasks.worldgen import RECIPES_BY_VERSION, write_corpus
 
     name, version = parse_corpus(corpus)
+    version = version or default_version(name)
     data_dir = embedded_dir(corpus)
-    write_corpus(RECIPES_BY_VERSION[version or default_version()][name], data_dir)
+    write_corpus(RECIPES_BY_VERSION[version][name], data_dir)
     log(f"regenerated {data_dir}")
-    recipe = MODEL_RECIPES[name]
+    recipe = MODEL_RECIPES_BY_VERSION[version][name]
     if epochs is not None:
         recipe = replace(recipe, epochs=epochs)
     build_reference_models(data_dir, embedded_models_dir(corpus), recipe, log=log)

@@ -617,7 +617,7 @@ RECIPES_BY_VERSION: dict[str, dict[str, CorpusRecipe]] = {
             extra_folds=3,
             privleak=100,
             version="3",
-            filler=3,
+            filler=2,
             shared_qa=40,
         ),
         "books": CorpusRecipe(
@@ -631,7 +631,7 @@ RECIPES_BY_VERSION: dict[str, dict[str, CorpusRecipe]] = {
             extra_folds=0,
             privleak=100,
             version="3",
-            filler=3,
+            filler=2,
             shared_qa=40,
         ),
     },

@@ -199,3 +199,42 @@ def test_protocol_requests_order_and_starts():
     assert [len(r.forget) for r in reqs if r.protocol == "scale"] == [50, 100, 150, 200]
     with pytest.raises(ConfigError, match="Did you mean: scale"):
         requests("scal", news)
+
+
+def test_prepare_streams_lines_while_the_work_runs_and_reraises():
+    import threading
+
+    from muse_bench.prepare import streamed
+
+    gate = threading.Event()
+    waited = []
+
+    def work(log):
+        log("first")
+        waited.append(gate.wait(5))  # set only once the consumer has seen "first"
+        log("second")
+        raise DataError("boom")
+
+    lines = streamed(work)
+    assert next(lines) == "first"
+    gate.set()
+    assert next(lines) == "second"
+    with pytest.raises(DataError, match="boom"):
+        next(lines)
+    assert waited == [True]  # "first" arrived before the work finished, not batched after
+
+
+@pytest.mark.parametrize("spec", ["news", "books", "news-v2", "books-v2"])
+def test_committed_models_were_trained_with_their_versions_recipe(spec):
+    from dataclasses import asdict
+
+    from muse_bench.tasks.refmodels import MODEL_RECIPES_BY_VERSION
+
+    name, version = data.parse_corpus(spec)
+    recipe = asdict(MODEL_RECIPES_BY_VERSION[version or data.default_version(name)][name])
+    tokenizers = set()
+    for which in ("target", "retrain"):
+        model_dir = data.embedded_models_dir(spec) / which
+        assert json.loads((model_dir / "muse_recipe.json").read_text()) == recipe
+        tokenizers.add((model_dir / "tokenizer.json").read_bytes())
+    assert len(tokenizers) == 1  # both models share one tokenizer

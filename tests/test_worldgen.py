@@ -43,7 +43,10 @@ def test_generation_is_deterministic(version, name):
 
 
 def test_default_version_is_3():
+    from muse_bench.data import DEFAULT_VERSIONS
+
     assert GENERATOR_VERSION == "3" and RECIPES is V3
+    assert DEFAULT_VERSIONS == {"news": "3", "books": "3"}
     assert embedded_dir("news") == embedded_dir("news-v3") != embedded_dir("news-v2")
 
 
