@@ -13,9 +13,10 @@ from muse_bench.protocols import check_protocol, requests
 
 
 def test_embedded_news_and_books_load():
-    news = data.load_corpus("news", "embedded")
-    books = data.load_corpus("books", "embedded")
+    news = data.load_corpus("news-v3", "embedded")
+    books = data.load_corpus("books-v3", "embedded")
     assert news.benchmark_id == "embedded-news-v3" and books.benchmark_id == "embedded-books-v3"
+    assert news.name == "news" and books.name == "books"
     assert len(news.scal) == 4 and len(news.sust) == 4
     assert books.scal == () and books.sust == ()
     for c in (news, books):
@@ -33,11 +34,18 @@ def test_embedded_v2_stays_loadable_with_its_models():
     assert news.name == "news" and news.benchmark_id == "embedded-news-v2"
     assert (len(news.forget), len(news.forget_qa), len(news.retain_qa)) == (20, 36, 76)
     assert news.privleak_forget == news.forget[: len(news.privleak_forget)]
-    assert data.load_corpus("news-v3").forget == data.load_corpus("news").forget
-    for spec in ("news-v2", "books-v2", "news", "books"):
-        for which in ("target", "retrain"):
-            assert (data.embedded_models_dir(spec) / which / "model.safetensors").is_file()
     assert data.embedded_models_dir("books-v2").parent.name == "v2"
+
+
+@pytest.mark.parametrize("name", data.CORPORA)
+def test_a_plain_corpus_name_loads_its_default_version_which_has_models(name):
+    version = data.default_version(name)
+    assert version in data.embedded_versions()
+    plain, versioned = data.load_corpus(name), data.load_corpus(f"{name}-v{version}")
+    assert plain.benchmark_id == versioned.benchmark_id == f"embedded-{name}-v{version}"
+    assert plain.forget == versioned.forget and plain.data_dir == versioned.data_dir
+    for which in ("target", "retrain"):
+        assert (data.embedded_models_dir(name) / which / "model.safetensors").is_file()
 
 
 def test_version_suffix_errors():
@@ -50,8 +58,8 @@ def test_version_suffix_errors():
 
 
 def test_item_documents_map_every_item_to_its_document():
-    docs = data.item_documents(data.embedded_dir("news"))
-    corpus = data.load_corpus("news")
+    docs = data.item_documents(data.embedded_dir("news-v3"))
+    corpus = data.load_corpus("news-v3")
     assert len(docs["verbmem"]) == len(corpus.verbmem_forget)
     for pair, d in zip(corpus.verbmem_forget, docs["verbmem"], strict=True):
         assert corpus.forget[d].startswith(pair.prompt + pair.gt)
@@ -185,7 +193,7 @@ def test_books_refuses_scale_and_sustain():
 
 
 def test_protocol_requests_order_and_starts():
-    news = data.load_corpus("news")
+    news = data.load_corpus("news-v3")
     reqs = requests("all", news)
     assert [r.label for r in reqs] == ["single_1"] + [f"scale_{k}" for k in range(1, 5)] + [
         f"sustain_{k}" for k in range(1, 5)
@@ -224,7 +232,7 @@ def test_prepare_streams_lines_while_the_work_runs_and_reraises():
     assert waited == [True]  # "first" arrived before the work finished, not batched after
 
 
-@pytest.mark.parametrize("spec", ["news", "books", "news-v2", "books-v2"])
+@pytest.mark.parametrize("spec", ["news", "books", "news-v2", "books-v2", "books-v3"])
 def test_committed_models_were_trained_with_their_versions_recipe(spec):
     from dataclasses import asdict
 

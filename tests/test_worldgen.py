@@ -42,12 +42,14 @@ def test_generation_is_deterministic(version, name):
     assert build_corpus(recipe) == build_corpus(recipe)
 
 
-def test_default_version_is_3():
-    from muse_bench.data import DEFAULT_VERSIONS
+def test_the_generator_builds_version_3_unless_told_otherwise():
+    from muse_bench.tasks.refmodels import MODEL_RECIPES, MODEL_RECIPES_BY_VERSION
 
     assert GENERATOR_VERSION == "3" and RECIPES is V3
-    assert DEFAULT_VERSIONS == {"news": "3", "books": "3"}
-    assert embedded_dir("news") == embedded_dir("news-v3") != embedded_dir("news-v2")
+    assert MODEL_RECIPES is MODEL_RECIPES_BY_VERSION["3"]
+    assert (
+        embedded_dir("news-v3").parent.name == "v3" and embedded_dir("news-v2").parent.name == "v2"
+    )
 
 
 @pytest.mark.parametrize("version", sorted(RECIPES_BY_VERSION))
