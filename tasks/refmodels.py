@@ -39,11 +39,12 @@ class ModelRecipe:
     seed: int = 0
 
 
-# Per embedded benchmark version. Version 3's corpora are about twice version 2's in
-# tokens; 12 epochs instead of 20 keep its rebuild time near version 2's.
+# Per embedded benchmark version. Version 3 keeps version 2's recipe: a trial with 12
+# epochs (to save time on the larger v3 corpora) left the books models undertrained
+# (target verbmem_f 28.4, retrain knowmem_r 22.3; see notes/bench_v3.md).
 MODEL_RECIPES_BY_VERSION: dict[str, dict[str, ModelRecipe]] = {
     "2": {"news": ModelRecipe(), "books": ModelRecipe()},
-    "3": {"news": ModelRecipe(epochs=12), "books": ModelRecipe(epochs=12)},
+    "3": {"news": ModelRecipe(), "books": ModelRecipe()},
 }
 MODEL_RECIPES: dict[str, ModelRecipe] = MODEL_RECIPES_BY_VERSION["3"]
 
