@@ -74,20 +74,61 @@ HUB_SPLIT_ALIASES: dict[tuple[str, str], tuple[str, ...]] = {
 }
 
 
-def embedded_dir(name: str) -> Path:
-    """The committed MUSE-layout directory of an embedded corpus."""
-    return EMBEDDED_ROOT / name / "data"
+def embedded_versions() -> tuple[str, ...]:
+    """The embedded benchmark versions that can be loaded, oldest first."""
+    from muse_bench.tasks.worldgen import VERSIONS
+
+    return VERSIONS
 
 
-def embedded_models_dir(name: str) -> Path:
-    """Where an embedded corpus's target/ and retrain/ models live."""
-    return EMBEDDED_ROOT / name / "models"
+# The version `--corpus news|books` means (a versioned name such as 'news-v2' picks
+# another). A new generator version becomes the default once its models are committed:
+# v3's data is committed, its models are not yet (`muse prepare --corpus news-v3 --rebuild`
+# and the same for books-v3, then set both to "3").
+DEFAULT_VERSIONS: dict[str, str] = {"news": "2", "books": "2"}
 
 
-def check_corpus_name(name: str) -> str:
+def default_version(name: str) -> str:
+    """The embedded version that corpus `name` (without a suffix) loads."""
+    return DEFAULT_VERSIONS[name]
+
+
+def parse_corpus(spec: str) -> tuple[str, str | None]:
+    """Split a corpus spec into (corpus name, embedded version or None).
+
+    'news' -> ('news', None); 'news-v2' -> ('news', '2'). Checks the name and the version.
+    """
+    name, sep, version = spec.partition("-v")
     if name not in CORPORA:
-        raise ConfigError(f"unknown corpus '{name}'.{suggest(name, list(CORPORA))}")
-    return name
+        raise ConfigError(f"unknown corpus '{spec}'.{suggest(name, list(CORPORA))}")
+    if not sep:
+        return name, None
+    if version not in embedded_versions():
+        known = ", ".join(f"{name}-v{v}" for v in embedded_versions())
+        raise ConfigError(f"unknown embedded version '{spec}'; known: {known}.")
+    return name, version
+
+
+def embedded_version_dir(spec: str) -> Path:
+    """tasks/<corpus>/v<N>/: one embedded benchmark version's data/ and models/."""
+    name, version = parse_corpus(spec)
+    return EMBEDDED_ROOT / name / f"v{version or default_version(name)}"
+
+
+def embedded_dir(spec: str) -> Path:
+    """The committed MUSE-layout directory of an embedded corpus ('news' or 'news-v2')."""
+    return embedded_version_dir(spec) / "data"
+
+
+def embedded_models_dir(spec: str) -> Path:
+    """Where an embedded corpus's target/ and retrain/ models live ('news' or 'news-v2')."""
+    return embedded_version_dir(spec) / "models"
+
+
+def check_corpus_name(spec: str) -> str:
+    """Raise ConfigError unless `spec` is a corpus name, optionally with a version suffix."""
+    parse_corpus(spec)
+    return spec
 
 
 def _read_json(path: Path):
@@ -186,11 +227,46 @@ def load_corpus_dir(
     )
 
 
-def embedded_benchmark_id(name: str) -> str:
-    """Names the embedded data and reference-model version, e.g. 'embedded-news-v1'."""
-    from muse_bench.tasks.worldgen import GENERATOR_VERSION
+ITEM_FILES = {
+    "verbmem": "verbmem/forget.json",
+    "forget_qa": "knowmem/forget_qa.json",
+    "forget_qa_icl": "knowmem/forget_qa_icl.json",
+    "retain_qa": "knowmem/retain_qa.json",
+    "retain_qa_icl": "knowmem/retain_qa_icl.json",
+}
 
-    return f"embedded-{name}-v{GENERATOR_VERSION}"
+
+def item_documents(data_dir: str | os.PathLike[str]) -> dict[str, tuple[int, ...]]:
+    """Which document each verbmem/knowmem item comes from, by the items' `doc` fields.
+
+    Indices point into raw/forget.json (verbmem, forget_qa*) or raw/retain2.json
+    (retain_qa*), item by item in file order. Embedded v3 corpora carry the fields; MUSE's
+    files and embedded v2 do not, which raises DataError.
+    """
+    d = Path(data_dir)
+    sizes = {"forget": len(_read_texts(d / "raw/forget.json"))}
+    sizes["retain"] = len(_read_texts(d / "raw/retain2.json"))
+    out = {}
+    for key, rel in ITEM_FILES.items():
+        records = _read_json(d / rel)
+        docs = [r.get("doc") if isinstance(r, dict) else None for r in records]
+        bad = next((i for i, x in enumerate(docs) if type(x) is not int), None)
+        if bad is not None:
+            raise DataError(
+                f"'{d / rel}' item {bad} has no integer 'doc' field: this corpus has no "
+                "item-to-document map (embedded v3 corpora have one)."
+            )
+        n = sizes["retain" if key.startswith("retain") else "forget"]
+        if any(not 0 <= x < n for x in docs):
+            raise DataError(f"'{d / rel}' has a 'doc' index outside 0..{n - 1}.")
+        out[key] = tuple(docs)
+    return out
+
+
+def embedded_benchmark_id(spec: str) -> str:
+    """Names the embedded data and reference-model version, e.g. 'embedded-news-v3'."""
+    name, version = parse_corpus(spec)
+    return f"embedded-{name}-v{version or default_version(name)}"
 
 
 def hub_cache_dir(hub: HubDataset) -> Path:
@@ -266,10 +342,18 @@ def materialize_hub(
 
 
 def load_corpus(name: str, source: str = "embedded", hub_source: str | None = None) -> Corpus:
-    """Load corpus `name` from `source`: 'embedded', 'hub', or a MUSE-layout directory."""
-    check_corpus_name(name)
+    """Load corpus `name` from `source`: 'embedded', 'hub', or a MUSE-layout directory.
+
+    An embedded corpus may name its version ('news-v2'); without one it is the current
+    version. The loaded Corpus is named without the suffix; its benchmark id has it.
+    """
+    base, version = parse_corpus(name)
     if source == "embedded":
-        return load_corpus_dir(name, embedded_dir(name), embedded_benchmark_id(name))
+        return load_corpus_dir(base, embedded_dir(name), embedded_benchmark_id(name))
+    if version is not None:
+        raise ConfigError(
+            f"'{name}' names an embedded benchmark version; use --corpus {base} with --source {source}."
+        )
     if source == "hub":
         hub = HUB_DATASETS[name]
         dest = hub_cache_dir(hub)

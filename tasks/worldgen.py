@@ -22,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-GENERATOR_VERSION = "2"
+GENERATOR_VERSION = "3"  # the default; every version in RECIPES_BY_VERSION stays buildable
 
 ONSETS = [
     "b",
@@ -168,10 +168,18 @@ QUESTIONS: dict[str, list[str]] = {
 class Renderer:
     """Base: pick phrasings from banks so that no two documents read alike."""
 
-    def __init__(self, rng: random.Random, names: NameMaker, places: list[str]) -> None:
+    DEFAULT_FILLER = 6  # colour sentences per document
+
+    # Sentences naming a recurring entity in a document that restates one of its facts.
+    MENTIONS: list[str] = []
+
+    def __init__(
+        self, rng: random.Random, names: NameMaker, places: list[str], filler: int = 0
+    ) -> None:
         self.rng = rng
         self.names = names
         self.places = places
+        self.filler_count = filler or self.DEFAULT_FILLER
         self.citizens = [names.person() for _ in range(40)]
         self.rivers = [names.word(2) for _ in range(20)]
 
@@ -219,22 +227,30 @@ class Renderer:
         box_header: str,
         colour: list[str],
         boxed: int = 3,
+        recall: tuple[tuple[Fact, int], ...] = (),
     ) -> Document:
         """Opening, a body that tells the facts left out of the question box, the box.
 
         A boxed fact is stated nowhere else in its document: a model that answers it with
         the document absent from its prompt must have it in its weights, not copy it.
+        `recall` restates facts of other documents (fact, question phrasing): the body
+        names their subject and the box asks them with that phrasing, after its own.
         """
         rng = self.rng
         facts = list(facts)
         rng.shuffle(facts)
         asked, told = facts[:boxed], facts[boxed:]
         sentences = [self.pick(bank[f.relation], **kw) for f in told] + colour
+        if recall:
+            sentences += [self.pick(self.MENTIONS, s=f.subject) for f, _ in recall]
         rng.shuffle(sentences)
         sentences = [s[0].upper() + s[1:] for s in sentences]
         half = len(sentences) // 2
         body = " ".join(sentences[:half]) + "\n\n" + " ".join(sentences[half:])
         phrasing = {f: rng.randrange(len(QUESTIONS[f.relation])) for f in asked}
+        for fact, index in recall:
+            asked.append(fact)
+            phrasing[fact] = index
         prompt = f"{opening}\n\n"
         continuation = f"{body}\n\n{self.qa_box(box_header, asked, phrasing)}"
         return Document(
@@ -373,7 +389,14 @@ NEWS_BODY = {
 class NewsRenderer(Renderer):
     """Renders one fictional leadership story as a newspaper article."""
 
-    def document(self) -> Document:
+    DEFAULT_FILLER = 6
+    MENTIONS = [
+        "Readers will remember {s} from earlier reports.",
+        "The name of {s} came up again at the meeting.",
+        "{s} was mentioned more than once in the debate.",
+    ]
+
+    def document(self, recall: tuple[tuple[Fact, int], ...] = ()) -> Document:
         rng, names = self.rng, self.names
         person = names.person()
         org = f"the {names.word(2)} {rng.choice(['Guild', 'Society', 'Union', 'League', 'Company', 'Trust'])}"
@@ -398,10 +421,10 @@ class NewsRenderer(Renderer):
         headline = self.pick(NEWS_HEADLINES, **kw)
         lead = self.pick(NEWS_LEADS, **kw)
         opening = f"{headline[0].upper() + headline[1:]}\n\n{lead[0].upper() + lead[1:]}"
-        colour = [self.filler(org=org) for _ in range(6)]
+        colour = [self.filler(org=org) for _ in range(self.filler_count)]
         # "leads" is told by the lead, so it is never asked
         return self.assemble(
-            opening, NEWS_BODY, kw, facts[:1] + facts[2:], "Reader questions", colour
+            opening, NEWS_BODY, kw, facts[:1] + facts[2:], "Reader questions", colour, recall=recall
         )
 
 
@@ -480,11 +503,20 @@ ADJECTIVES = [
 class BooksRenderer(Renderer):
     """Renders one chapter of a fictional saga."""
 
-    def __init__(self, rng: random.Random, names: NameMaker, places: list[str]) -> None:
-        super().__init__(rng, names, places)
+    DEFAULT_FILLER = 5
+    MENTIONS = [
+        "Old soldiers still spoke of {s} by the fires.",
+        "The name of {s} was heard again in the hall.",
+        "Some in the garrison remembered {s}.",
+    ]
+
+    def __init__(
+        self, rng: random.Random, names: NameMaker, places: list[str], filler: int = 0
+    ) -> None:
+        super().__init__(rng, names, places, filler)
         self.chapter = 0
 
-    def document(self) -> Document:
+    def document(self, recall: tuple[tuple[Fact, int], ...] = ()) -> Document:
         rng, names = self.rng, self.names
         self.chapter += 1
         hero = names.person()
@@ -508,7 +540,7 @@ class BooksRenderer(Renderer):
         opening = f"{self.pick(BOOK_OPENINGS, **kw)}\n\n{self.pick(BOOK_LEADS, **kw)}"
         colour = [self.pick(BOOK_BODY["home"], **kw)]
         colour += [f.format(**kw) for f in rng.sample(BOOK_FILLER, 1)]
-        colour += [self.filler(org="the garrison") for _ in range(5)]
+        colour += [self.filler(org="the garrison") for _ in range(self.filler_count)]
         # the lead names the fortress, so "home" is told, not asked
         return self.assemble(
             opening,
@@ -517,16 +549,24 @@ class BooksRenderer(Renderer):
             [f for f in facts if f.relation != "home"],
             "Notes of the chronicler",
             colour,
+            recall=recall,
         )
 
 
 @dataclass(frozen=True)
 class CorpusRecipe:
-    """Sizes (in documents) of one embedded corpus."""
+    """Sizes (in documents) of one embedded corpus, and how its evaluation items are made.
+
+    Version "2" asks `qa_per_doc` box facts of each forget/retain2 document (the first `icl`
+    of them, shuffled, are the few-shot examples), one verbmem pair and one privleak item
+    per document. Version "3" (see `_build_v3`) makes two verbmem pairs and two privleak
+    items of each document, takes the few-shot examples from box facts left over, records
+    each item's document, and restates `shared_qa` forget facts in retain1 documents.
+    """
 
     name: str
     seed: int
-    renderer: Callable[[random.Random, NameMaker, list[str]], Renderer]
+    renderer: Callable[..., Renderer]
     forget: int
     retain1: int
     retain2: int
@@ -535,32 +575,76 @@ class CorpusRecipe:
     privleak: int
     icl: int = 4
     qa_per_doc: int = 2
+    version: str = "2"
+    filler: int = 0  # colour sentences per document; 0 = the renderer's default
+    shared_qa: int = 0  # forget QA items whose facts retain1 documents restate (version 3)
 
 
-RECIPES: dict[str, CorpusRecipe] = {
-    "news": CorpusRecipe(
-        "news",
-        1234,
-        NewsRenderer,
-        forget=20,
-        retain1=40,
-        retain2=40,
-        holdout=40,
-        extra_folds=3,
-        privleak=20,
-    ),
-    "books": CorpusRecipe(
-        "books",
-        4321,
-        BooksRenderer,
-        forget=20,
-        retain1=40,
-        retain2=40,
-        holdout=40,
-        extra_folds=0,
-        privleak=20,
-    ),
+RECIPES_BY_VERSION: dict[str, dict[str, CorpusRecipe]] = {
+    "2": {
+        "news": CorpusRecipe(
+            "news",
+            1234,
+            NewsRenderer,
+            forget=20,
+            retain1=40,
+            retain2=40,
+            holdout=40,
+            extra_folds=3,
+            privleak=20,
+        ),
+        "books": CorpusRecipe(
+            "books",
+            4321,
+            BooksRenderer,
+            forget=20,
+            retain1=40,
+            retain2=40,
+            holdout=40,
+            extra_folds=0,
+            privleak=20,
+        ),
+    },
+    "3": {
+        "news": CorpusRecipe(
+            "news",
+            2345,
+            NewsRenderer,
+            forget=50,
+            retain1=40,
+            retain2=50,
+            holdout=50,
+            extra_folds=3,
+            privleak=100,
+            version="3",
+            filler=2,
+            shared_qa=40,
+        ),
+        "books": CorpusRecipe(
+            "books",
+            5432,
+            BooksRenderer,
+            forget=50,
+            retain1=40,
+            retain2=50,
+            holdout=50,
+            extra_folds=0,
+            privleak=100,
+            version="3",
+            filler=2,
+            shared_qa=40,
+        ),
+    },
 }
+VERSIONS = tuple(RECIPES_BY_VERSION)
+RECIPES: dict[str, CorpusRecipe] = RECIPES_BY_VERSION[GENERATOR_VERSION]
+
+
+def _question(fact: Fact, used: int, rng: random.Random, paraphrase: bool) -> str:
+    """The question of `fact` as its box asked it (phrasing `used`), or in other words."""
+    options = [i for i in range(len(QUESTIONS[fact.relation])) if i != used]
+    other = rng.choice(options)  # drawn either way, so both variants pick the same facts
+    return QUESTIONS[fact.relation][other if paraphrase else used].format(s=fact.subject)
 
 
 def _eval_qa(
@@ -571,12 +655,104 @@ def _eval_qa(
     for doc in docs:
         used = dict(zip(doc.facts, doc.phrasing, strict=False))
         for fact in rng.sample(list(doc.facts), per_doc):
-            options = [i for i in range(len(QUESTIONS[fact.relation])) if i != used[fact]]
-            other = rng.choice(options)  # drawn either way, so both variants pick the same facts
-            index = other if paraphrase else used[fact]
-            q = QUESTIONS[fact.relation][index].format(s=fact.subject)
-            qa.append({"question": q, "answer": fact.answer})
+            qa.append(
+                {"question": _question(fact, used[fact], rng, paraphrase), "answer": fact.answer}
+            )
     return qa
+
+
+@dataclass(frozen=True)
+class BoxItem:
+    """One box fact picked as a knowmem item: its document's index and the box phrasing."""
+
+    doc: int
+    fact: Fact
+    phrasing: int
+
+
+def _pick_box_items(
+    docs: list[Document], rng: random.Random, per_doc: int, icl: int
+) -> tuple[list[BoxItem], list[BoxItem]]:
+    """`per_doc` box facts of every document (the items), and `icl` few-shot examples
+    drawn from the box facts left over (so no example is also an item)."""
+    items, spare = [], []
+    for d, doc in enumerate(docs):
+        boxed = [BoxItem(d, f, p) for f, p in zip(doc.facts, doc.phrasing, strict=True)]
+        picked = rng.sample(range(len(boxed)), per_doc)
+        items += [boxed[i] for i in picked]
+        spare += [b for i, b in enumerate(boxed) if i not in picked]
+    return items, rng.sample(spare, icl)
+
+
+def _qa_records(
+    items: list[BoxItem], rng: random.Random, paraphrase: bool, shared: set[int] | None = None
+) -> list[dict]:
+    """knowmem records with the index (`doc`) of the document whose box asks each fact;
+    with `shared`, also whether a retain1 document restates the fact (`shared`)."""
+    out = []
+    for k, item in enumerate(items):
+        q = _question(item.fact, item.phrasing, rng, paraphrase)
+        record: dict[str, object] = {"question": q, "answer": item.fact.answer, "doc": item.doc}
+        if shared is not None:
+            record["shared"] = k in shared
+        out.append(record)
+    return out
+
+
+def _halves(doc: Document) -> tuple[str, str]:
+    """A document cut at the paragraph break inside its body: (opening + first body
+    paragraph, second body paragraph + question box)."""
+    first, rest = doc.continuation.split("\n\n", 1)
+    return doc.prompt + first, rest
+
+
+def _verbmem_pairs(docs: list[Document]) -> list[dict]:
+    """Two verbmem pairs per document that do not share a reference: the opening continued
+    by the first body paragraph, and opening + first paragraph continued by the rest."""
+    pairs = []
+    for d, doc in enumerate(docs):
+        first, rest = doc.continuation.split("\n\n", 1)
+        pairs.append({"prompt": doc.prompt, "gt": first, "doc": d})
+        pairs.append({"prompt": doc.prompt + first + "\n\n", "gt": rest, "doc": d})
+    return pairs
+
+
+def _privleak_items(docs: list[Document]) -> list[str]:
+    """Both halves of every document: items 2i and 2i+1 come from document i."""
+    return [half for doc in docs for half in _halves(doc)]
+
+
+def _folds(forget: list[str], extras: list[list[str]]) -> dict[str, object]:
+    """Nested scal folds and disjoint sust folds; fold 1 of both is the main forget set."""
+    files: dict[str, object] = {}
+    if not extras:
+        return files
+    nested = list(forget)
+    files["scal/forget_1.json"] = list(nested)
+    files["sust/forget_1.json"] = list(forget)
+    for k, fold in enumerate(extras, start=2):
+        nested = nested + fold
+        files[f"scal/forget_{k}.json"] = list(nested)
+        files[f"sust/forget_{k}.json"] = list(fold)
+    return files
+
+
+def _raw_txt(files: dict[str, object]) -> None:
+    for split in ("forget", "retain1", "retain2", "holdout"):
+        files[f"raw/{split}.txt"] = "\n\n".join(files[f"raw/{split}.json"])  # type: ignore[arg-type]
+
+
+def _world(recipe: CorpusRecipe) -> tuple[random.Random, Renderer]:
+    rng = random.Random(recipe.seed)
+    names = NameMaker(rng)
+    places = [names.word(rng.choice([2, 3])) for _ in range(40)]
+    if recipe.filler:
+        return rng, recipe.renderer(rng, names, places, recipe.filler)
+    return rng, recipe.renderer(rng, names, places)
+
+
+def _texts(docs: list[Document]) -> list[str]:
+    return [d.text for d in docs]
 
 
 def build_corpus(recipe: CorpusRecipe, paraphrase: bool = False) -> dict[str, object]:
@@ -585,10 +761,9 @@ def build_corpus(recipe: CorpusRecipe, paraphrase: bool = False) -> dict[str, ob
     `paraphrase=True` asks the same knowmem facts with phrasings their documents did not
     use (for measuring knowledge beyond the trained question line; not the MUSE files).
     """
-    rng = random.Random(recipe.seed)
-    names = NameMaker(rng)
-    places = [names.word(rng.choice([2, 3])) for _ in range(40)]
-    renderer = recipe.renderer(rng, names, places)
+    if recipe.version == "3":
+        return _build_v3(recipe, paraphrase)
+    rng, renderer = _world(recipe)
 
     def make(n: int) -> list[Document]:
         return [renderer.document() for _ in range(n)]
@@ -598,14 +773,11 @@ def build_corpus(recipe: CorpusRecipe, paraphrase: bool = False) -> dict[str, ob
     )
     extras = [make(recipe.forget) for _ in range(recipe.extra_folds)]
 
-    def texts(docs: list[Document]) -> list[str]:
-        return [d.text for d in docs]
-
     files: dict[str, object] = {
-        "raw/forget.json": texts(forget),
-        "raw/retain1.json": texts(retain1),
-        "raw/retain2.json": texts(retain2),
-        "raw/holdout.json": texts(holdout),
+        "raw/forget.json": _texts(forget),
+        "raw/retain1.json": _texts(retain1),
+        "raw/retain2.json": _texts(retain2),
+        "raw/holdout.json": _texts(holdout),
         "verbmem/forget.json": [{"prompt": d.prompt, "gt": d.continuation} for d in forget],
     }
     forget_qa = _eval_qa(forget, rng, recipe.qa_per_doc, paraphrase)
@@ -616,19 +788,58 @@ def build_corpus(recipe: CorpusRecipe, paraphrase: bool = False) -> dict[str, ob
     files["knowmem/forget_qa.json"] = forget_qa[recipe.icl :]
     files["knowmem/retain_qa_icl.json"] = retain_qa[: recipe.icl]
     files["knowmem/retain_qa.json"] = retain_qa[recipe.icl :]
-    files["privleak/forget.json"] = texts(forget)[: recipe.privleak]
-    files["privleak/retain.json"] = texts(retain2)[: recipe.privleak]
-    files["privleak/holdout.json"] = texts(holdout)[: recipe.privleak]
-    if recipe.extra_folds:
-        nested = texts(forget)
-        files["scal/forget_1.json"] = list(nested)
-        files["sust/forget_1.json"] = texts(forget)
-        for k, fold in enumerate(extras, start=2):
-            nested = nested + texts(fold)
-            files[f"scal/forget_{k}.json"] = list(nested)
-            files[f"sust/forget_{k}.json"] = texts(fold)
-    for split in ("forget", "retain1", "retain2", "holdout"):
-        files[f"raw/{split}.txt"] = "\n\n".join(files[f"raw/{split}.json"])  # type: ignore[arg-type]
+    files["privleak/forget.json"] = _texts(forget)[: recipe.privleak]
+    files["privleak/retain.json"] = _texts(retain2)[: recipe.privleak]
+    files["privleak/holdout.json"] = _texts(holdout)[: recipe.privleak]
+    files.update(_folds(_texts(forget), [_texts(fold) for fold in extras]))
+    _raw_txt(files)
+    return files
+
+
+def _build_v3(recipe: CorpusRecipe, paraphrase: bool) -> dict[str, object]:
+    """Version 3: MUSE-sized evaluation sets, item-to-document maps, shared knowledge.
+
+    Every forget/retain2 document gives `qa_per_doc` knowmem items, two verbmem pairs and
+    two privleak items. `shared_qa` of the forget knowmem items (drawn at random) are
+    restated in retain1 documents (one per document, round robin): the document names
+    the fact's subject and its box asks the fact with the forget box's own words, so the
+    retrain model can know it, as MUSE's retrain model knows a third of the forget
+    answers from knowledge the retain set shares.
+    """
+    rng, renderer = _world(recipe)
+
+    def make(n: int) -> list[Document]:
+        return [renderer.document() for _ in range(n)]
+
+    forget = make(recipe.forget)
+    forget_items, forget_icl = _pick_box_items(forget, rng, recipe.qa_per_doc, recipe.icl)
+    rng.shuffle(forget_items)
+    shared = set(rng.sample(range(len(forget_items)), recipe.shared_qa))
+    recall: list[list[tuple[Fact, int]]] = [[] for _ in range(recipe.retain1)]
+    for k, index in enumerate(sorted(shared)):
+        recall[k % recipe.retain1].append((forget_items[index].fact, forget_items[index].phrasing))
+    retain1 = [renderer.document(recall=tuple(r)) for r in recall]
+    retain2, holdout = make(recipe.retain2), make(recipe.holdout)
+    extras = [make(recipe.forget) for _ in range(recipe.extra_folds)]
+    retain_items, retain_icl = _pick_box_items(retain2, rng, recipe.qa_per_doc, recipe.icl)
+    rng.shuffle(retain_items)
+
+    files: dict[str, object] = {
+        "raw/forget.json": _texts(forget),
+        "raw/retain1.json": _texts(retain1),
+        "raw/retain2.json": _texts(retain2),
+        "raw/holdout.json": _texts(holdout),
+        "verbmem/forget.json": _verbmem_pairs(forget),
+        "knowmem/forget_qa.json": _qa_records(forget_items, rng, paraphrase, shared),
+        "knowmem/forget_qa_icl.json": _qa_records(forget_icl, rng, paraphrase),
+        "knowmem/retain_qa.json": _qa_records(retain_items, rng, paraphrase),
+        "knowmem/retain_qa_icl.json": _qa_records(retain_icl, rng, paraphrase),
+        "privleak/forget.json": _privleak_items(forget)[: recipe.privleak],
+        "privleak/retain.json": _privleak_items(retain2)[: recipe.privleak],
+        "privleak/holdout.json": _privleak_items(holdout)[: recipe.privleak],
+    }
+    files.update(_folds(_texts(forget), [_texts(fold) for fold in extras]))
+    _raw_txt(files)
     return files
 
 

@@ -88,6 +88,11 @@ def tiny_model(tiny_tokenizer):
     return make_tiny_model(tiny_tokenizer)
 
 
+def _strings(record: dict) -> list[str]:
+    """The text fields of a record (v3 records also carry a document index and flags)."""
+    return [v for v in record.values() if isinstance(v, str)]
+
+
 def write_mini_benchmark(root, docs: int = 4, seed: int = 0):
     """A tiny MUSE-layout corpus (cut from embedded news) with tiny target/retrain models.
 
@@ -116,7 +121,7 @@ def write_mini_benchmark(root, docs: int = 4, seed: int = 0):
         out = data / rel
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(items, indent=1))
-        texts += [x if isinstance(x, str) else " ".join(x.values()) for x in items]
+        texts += [x if isinstance(x, str) else " ".join(_strings(x)) for x in items]
     tok = train_bpe_tokenizer(texts, vocab_size=500)
     dirs = []
     for i, name in enumerate(("target", "retrain")):

@@ -13,13 +13,61 @@ from muse_bench.protocols import check_protocol, requests
 
 
 def test_embedded_news_and_books_load():
-    news = data.load_corpus("news", "embedded")
-    books = data.load_corpus("books", "embedded")
-    assert news.benchmark_id == "embedded-news-v2"
+    news = data.load_corpus("news-v3", "embedded")
+    books = data.load_corpus("books-v3", "embedded")
+    assert news.benchmark_id == "embedded-news-v3" and books.benchmark_id == "embedded-books-v3"
+    assert news.name == "news" and books.name == "books"
     assert len(news.scal) == 4 and len(news.sust) == 4
     assert books.scal == () and books.sust == ()
-    assert news.forget_qa and news.retain_qa_icl and news.verbmem_forget
+    for c in (news, books):
+        assert len(c.verbmem_forget) == len(c.forget_qa) == len(c.retain_qa) == 100
+        assert len(c.privleak_forget) == len(c.privleak_retain) == len(c.privleak_holdout) == 100
+        # privleak items 2i and 2i+1 are the halves of forget document i
+        halves = c.privleak_forget
+        assert [a + "\n\n" + b for a, b in zip(halves[::2], halves[1::2], strict=True)] == list(
+            c.forget
+        )
+
+
+def test_embedded_v2_stays_loadable_with_its_models():
+    news = data.load_corpus("news-v2")
+    assert news.name == "news" and news.benchmark_id == "embedded-news-v2"
+    assert (len(news.forget), len(news.forget_qa), len(news.retain_qa)) == (20, 36, 76)
     assert news.privleak_forget == news.forget[: len(news.privleak_forget)]
+    assert data.embedded_models_dir("books-v2").parent.name == "v2"
+
+
+@pytest.mark.parametrize("name", data.CORPORA)
+def test_a_plain_corpus_name_loads_its_default_version_which_has_models(name):
+    version = data.default_version(name)
+    assert version in data.embedded_versions()
+    plain, versioned = data.load_corpus(name), data.load_corpus(f"{name}-v{version}")
+    assert plain.benchmark_id == versioned.benchmark_id == f"embedded-{name}-v{version}"
+    assert plain.forget == versioned.forget and plain.data_dir == versioned.data_dir
+    for which in ("target", "retrain"):
+        assert (data.embedded_models_dir(name) / which / "model.safetensors").is_file()
+
+
+def test_version_suffix_errors():
+    with pytest.raises(ConfigError, match=r"unknown embedded version 'news-v9'.*news-v2, news-v3"):
+        data.load_corpus("news-v9")
+    with pytest.raises(ConfigError, match="unknown corpus 'newz-v2'.*Did you mean: news"):
+        data.load_corpus("newz-v2")
+    with pytest.raises(ConfigError, match="use --corpus news with --source hub"):
+        data.load_corpus("news-v2", "hub")
+
+
+def test_item_documents_map_every_item_to_its_document():
+    docs = data.item_documents(data.embedded_dir("news-v3"))
+    corpus = data.load_corpus("news-v3")
+    assert len(docs["verbmem"]) == len(corpus.verbmem_forget)
+    for pair, d in zip(corpus.verbmem_forget, docs["verbmem"], strict=True):
+        assert corpus.forget[d].startswith(pair.prompt + pair.gt)
+    for key, split in (("forget_qa", corpus.forget), ("retain_qa", corpus.retain2)):
+        for qa, d in zip(getattr(corpus, key), docs[key], strict=True):
+            assert f"Question: {qa.question}\nAnswer: {qa.answer}" in split[d]
+    with pytest.raises(DataError, match="no integer 'doc' field"):
+        data.item_documents(data.embedded_dir("news-v2"))
 
 
 def test_directory_source_equals_embedded(tmp_path):
@@ -145,7 +193,7 @@ def test_books_refuses_scale_and_sustain():
 
 
 def test_protocol_requests_order_and_starts():
-    news = data.load_corpus("news")
+    news = data.load_corpus("news-v3")
     reqs = requests("all", news)
     assert [r.label for r in reqs] == ["single_1"] + [f"scale_{k}" for k in range(1, 5)] + [
         f"sustain_{k}" for k in range(1, 5)
@@ -156,6 +204,45 @@ def test_protocol_requests_order_and_starts():
         "previous",
         "previous",
     ]
-    assert [len(r.forget) for r in reqs if r.protocol == "scale"] == [20, 40, 60, 80]
+    assert [len(r.forget) for r in reqs if r.protocol == "scale"] == [50, 100, 150, 200]
     with pytest.raises(ConfigError, match="Did you mean: scale"):
         requests("scal", news)
+
+
+def test_prepare_streams_lines_while_the_work_runs_and_reraises():
+    import threading
+
+    from muse_bench.prepare import streamed
+
+    gate = threading.Event()
+    waited = []
+
+    def work(log):
+        log("first")
+        waited.append(gate.wait(5))  # set only once the consumer has seen "first"
+        log("second")
+        raise DataError("boom")
+
+    lines = streamed(work)
+    assert next(lines) == "first"
+    gate.set()
+    assert next(lines) == "second"
+    with pytest.raises(DataError, match="boom"):
+        next(lines)
+    assert waited == [True]  # "first" arrived before the work finished, not batched after
+
+
+@pytest.mark.parametrize("spec", ["news", "books", "news-v2", "books-v2"])
+def test_committed_models_were_trained_with_their_versions_recipe(spec):
+    from dataclasses import asdict
+
+    from muse_bench.tasks.refmodels import MODEL_RECIPES_BY_VERSION
+
+    name, version = data.parse_corpus(spec)
+    recipe = asdict(MODEL_RECIPES_BY_VERSION[version or data.default_version(name)][name])
+    tokenizers = set()
+    for which in ("target", "retrain"):
+        model_dir = data.embedded_models_dir(spec) / which
+        assert json.loads((model_dir / "muse_recipe.json").read_text()) == recipe
+        tokenizers.add((model_dir / "tokenizer.json").read_bytes())
+    assert len(tokenizers) == 1  # both models share one tokenizer
