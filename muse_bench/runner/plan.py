@@ -19,7 +19,7 @@ from muse_bench.runner.config import (
     safe_dir_name,
 )
 from muse_bench.runner.records import short_hash
-from muse_bench.task import Task, local_model_dir, resolve_task
+from muse_bench.task import Task, local_model_dir, model_fingerprint, resolve_task
 
 
 @dataclass(frozen=True)
@@ -73,7 +73,11 @@ def plan_run(cfg: RunConfig, echo: Callable[[str], None] = print) -> RunPlan:
         "seed": cfg.seed,
         "select": cfg.select,
         "attack": cfg.attack,
-        "models": asdict(task.models),
+        # the models by content, not by path: the same run made in two clones has one id
+        "models": {
+            which: model_fingerprint(local_model_dir(getattr(task.models, which)))
+            for which in ("target", "retrain")
+        },
         "flush_denormal": cfg.flush_denormal,
     }
     run_id = f"{algo_name}-{short_hash(identity)}"
