@@ -51,30 +51,32 @@ class TrainHooks:
         """Restore what `state_dict` returned (on resume, after `setup`)."""
 
 
-def select_trainable(model: nn.Module, pattern: str) -> dict[str, bool]:
+def select_trainable(model: nn.Module, pattern: str) -> list[str]:
     """Freeze every trainable parameter whose name does not contain a match of `pattern`.
 
     `pattern` is a regular expression searched in each parameter name; "" keeps every
-    parameter as it is. Returns the previous `requires_grad` flags for `restore_trainable`.
+    parameter as it is. Returns the names it froze, for `restore_trainable`.
     """
-    flags = {name: p.requires_grad for name, p in model.named_parameters()}
     if not pattern:
-        return flags
+        return []
     regex = re.compile(pattern)
-    keep = [n for n, p in model.named_parameters() if p.requires_grad and regex.search(n)]
-    if not keep:
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if not any(regex.search(n) for n, _ in trainable):
+        example = trainable[0][0] if trainable else ""
         raise ConfigError(
             f"trainable_params '{pattern}' matches no trainable parameter of the model "
-            f"(names look like '{next(iter(flags), '')}')."
+            f"(names look like '{example}')."
         )
-    for name, param in model.named_parameters():
-        if param.requires_grad and name not in keep:
+    frozen = [n for n, p in trainable if not regex.search(n)]
+    for name, param in trainable:
+        if name in frozen:
             param.requires_grad_(False)
-    return flags
+    return frozen
 
 
-def restore_trainable(model: nn.Module, flags: dict[str, bool]) -> None:
-    """Undo `select_trainable`."""
+def restore_trainable(model: nn.Module, frozen: list[str]) -> None:
+    """Undo `select_trainable`: make the parameters it froze trainable again."""
+    names = set(frozen)
     for name, param in model.named_parameters():
-        if name in flags:
-            param.requires_grad_(flags[name])
+        if name in names:
+            param.requires_grad_(True)

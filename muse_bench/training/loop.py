@@ -501,7 +501,7 @@ def train(
         )
     wrapped = None
     bar = None
-    trainable_flags: dict[str, bool] | None = None
+    frozen: list[str] = []
     try:
         # With LoRA, the adapter state in the latest checkpoint is all a resume needs.
         for k in done if replay else ([] if adapters else done[-1:]):
@@ -519,7 +519,7 @@ def train(
 
         if config.gradient_checkpointing:
             enable_gradient_checkpointing(model)
-        trainable_flags = select_trainable(model, config.trainable)
+        frozen = select_trainable(model, config.trainable)
         sharded = FullyShardedModel(model) if config.fsdp else None
         optimizer = make_adamw(_param_groups(model, config.weight_decay), config.lr)
         if start:
@@ -679,7 +679,6 @@ def train(
             adapters.release()
         if config.gradient_checkpointing:
             disable_gradient_checkpointing(model)
-        if trainable_flags is not None:
-            restore_trainable(model, trainable_flags)
+        restore_trainable(model, frozen)
         if wrapped is not None:
             accelerator.free_memory()
