@@ -396,7 +396,7 @@ def eval_cmd(model_spec: str, name: str | None, **kw) -> None:
 )
 def sweep(sweep_file: Path, out: Path, **kw) -> None:
     """Run every run of a sweep file (YAML/TOML) that has not finished, then write
-    OUT/sweeps/<name>/ runs.csv, summary.csv and plot.png (see notes/sweeps.md)."""
+    OUT/sweeps/<name>/ runs.csv, summary.csv and plot.png (see docs/sweeps.md)."""
     from muse_bench.sweeps import run_sweep
 
     run_sweep(sweep_file, out, echo=click.echo, **kw)

@@ -16,7 +16,7 @@ class CEU(GradientUnlearner):
     """CE-U: L = mean_t CE(q, p_θ), q = sg[p_θ] renormalised without the true token."""
 
     paper_url: ClassVar[str] = "https://arxiv.org/abs/2503.01224"
-    # Calibrated on embedded news (notes/methods_a.md): with no retain term it collapses
+    # Calibrated on embedded news (docs/methods.md): with no retain term it collapses
     # (knowmem_r 0 by epoch 4 at 3e-4, epoch 8 at 1e-4); at 3e-5 ten epochs take knowmem_f
     # 83 -> 53 and keep knowmem_r 54.
     benchmark_defaults: ClassVar[Mapping[str, Mapping[str, Any]]] = {EMBEDDED: {"lr": 3e-5}}

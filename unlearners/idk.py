@@ -137,7 +137,7 @@ class IdkUnlearner(GradientUnlearner):
     """Base of the idk methods: the prompt/response split and the refusal draws."""
 
     needs_retain: ClassVar[bool] = True
-    # calibrated on embedded news (notes/methods_b.md): IdkNLL at 1e-3 dropped knowmem_r to 37,
+    # calibrated on embedded news (docs/methods.md): IdkNLL at 1e-3 dropped knowmem_r to 37,
     # at 3e-4 knowmem_f only to 72
     benchmark_defaults: ClassVar[Mapping[str, Mapping[str, Any]]] = {EMBEDDED: {"lr": 5e-4}}
 
@@ -206,7 +206,7 @@ class IdkDPO(IdkUnlearner):
 
     paper_url: ClassVar[str] = "https://arxiv.org/abs/2305.18290"
     needs_ref_model: ClassVar[bool] = True
-    # calibrated on embedded news (notes/methods_b.md): at 1e-3 knowmem_r fell to 25
+    # calibrated on embedded news (docs/methods.md): at 1e-3 knowmem_r fell to 25
     benchmark_defaults: ClassVar[Mapping[str, Mapping[str, Any]]] = {EMBEDDED: {"lr": 3e-4}}
 
     beta: float = field(default=0.1, metadata={"help": "Inverse temperature β of DPO (OU: 0.1)."})

@@ -113,7 +113,7 @@ class PDU(GradientUnlearner):
         # OU community/methods/PDU/run.sh, Llama-2-7b
         _hub_id("news"): {"eps": 1.5},
         _hub_id("books"): {"eps": 0.1},
-        # calibrated on the embedded benchmarks (notes/methods_b.md)
+        # calibrated on the embedded benchmarks (docs/methods.md)
         EMBEDDED: {"lr": 3e-4, "eps": 1.5, "retain_weight": 50.0, "dual_warmup_epochs": 1},
     }
 

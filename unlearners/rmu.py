@@ -86,7 +86,7 @@ class RMU(GradientUnlearner):
     needs_retain: ClassVar[bool] = True
     needs_ref_model: ClassVar[bool] = True
     benchmark_defaults: ClassVar[Mapping[str, Mapping[str, Any]]] = {
-        # calibrated on embedded news (notes/methods_b.md): the 4-block models
+        # calibrated on embedded news (docs/methods.md): the 4-block models
         # (hidden states there have norm ~13; c = 60 is ~4.5x, like adaptive RMU's 5x)
         EMBEDDED: {
             "lr": 1e-3,

@@ -46,7 +46,7 @@ class SimNPO(GDR, SimNPOForget):
     """SimNPO: L = −(2/β)·mean log σ(β·(NLL(x)/|x| − δ)) + w·NLL(retain); no reference model."""
 
     paper_url: ClassVar[str] = "https://arxiv.org/abs/2410.07163"
-    # Calibrated on embedded news (notes/methods_a.md): at GDR's 1e-3 knowmem_r falls to 9 by
+    # Calibrated on embedded news (docs/methods.md): at GDR's 1e-3 knowmem_r falls to 9 by
     # epoch 3; at 1e-4 knowmem_f is 53 after 3 epochs with knowmem_r 54, then plateaus near
     # 20-28 with knowmem_r 30-38, so the embedded default stops after 3 epochs.
     benchmark_defaults: ClassVar[Mapping[str, Mapping[str, Any]]] = {

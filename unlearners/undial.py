@@ -20,7 +20,7 @@ class UNDIAL(GradientUnlearner):
 
     paper_url: ClassVar[str] = "https://arxiv.org/abs/2402.10052"
     needs_ref_model: ClassVar[bool] = True
-    # Calibrated on embedded news (notes/methods_a.md): ten epochs at 3e-4 take knowmem_f
+    # Calibrated on embedded news (docs/methods.md): ten epochs at 3e-4 take knowmem_f
     # 83 -> 53 and keep knowmem_r 50.
     benchmark_defaults: ClassVar[Mapping[str, Mapping[str, Any]]] = {EMBEDDED: {"lr": 3e-4}}
 

@@ -66,7 +66,7 @@ class WGA(GDR, WGAForget):
     """WGA: L = mean_t sg[p_t^β]·log p_t on forget tokens + w·NLL(retain) (weighted GA)."""
 
     paper_url: ClassVar[str] = "https://arxiv.org/abs/2502.19301"
-    # Calibrated on embedded news (notes/methods_a.md): at GDR's 1e-3 knowmem_r falls to 41
+    # Calibrated on embedded news (docs/methods.md): at GDR's 1e-3 knowmem_r falls to 41
     # in the first epoch; at 3e-4 ten epochs take knowmem_f 83 -> 22 and keep knowmem_r 51.
     benchmark_defaults: ClassVar[Mapping[str, Mapping[str, Any]]] = {
         EMBEDDED: {"lr": 3e-4, "epochs": 10}
@@ -103,7 +103,7 @@ class SatImp(GDR, SatImpForget):
     """SatImp: L = mean_t sg[p_t^β1·(1−p_t)^β2]·log p_t on forget tokens + w·NLL(retain)."""
 
     paper_url: ClassVar[str] = "https://arxiv.org/abs/2505.11953"
-    # Calibrated on embedded news (notes/methods_a.md): at 1e-3 ten epochs reach knowmem_f
+    # Calibrated on embedded news (docs/methods.md): at 1e-3 ten epochs reach knowmem_f
     # 14 with knowmem_r 28; at 3e-4, knowmem_f 58 with knowmem_r 55.
     benchmark_defaults: ClassVar[Mapping[str, Mapping[str, Any]]] = {
         EMBEDDED: {"lr": 3e-4, "epochs": 10}

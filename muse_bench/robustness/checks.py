@@ -30,7 +30,7 @@ CHECKS = (*QUANT_CHECKS, *RELEARN_CHECKS)
 RECOMMENDED_CHECKS = ("quant4", "relearn")
 #: What `muse run` runs when --robustness is not given: none. The spec's rule keeps the
 #: recommended checks on by default unless they more than double a run's wall time; on
-#: embedded news they do (npo: about 2.0x, ga: 2.3x; notes/robustness.md), so they are
+#: embedded news they do (npo: about 2.0x, ga: 2.3x; docs/robustness.md), so they are
 #: opt-in: `--robustness quant4,relearn`.
 DEFAULT_CHECKS: tuple[str, ...] = ()
 
