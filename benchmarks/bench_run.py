@@ -51,7 +51,9 @@ def muse(args: list[str]) -> float:
 def breakdown(report: dict, wall: float) -> dict[str, float]:
     """Seconds per stage of one run, from its report's timings."""
     t = report["timings"]
-    requests = [v for k, v in t.items() if isinstance(v, dict)]
+    # fold 1 of scale and sustain is the main request, listed under each label: count once
+    unique = {json.dumps(v, sort_keys=True): v for v in t.values() if isinstance(v, dict)}
+    requests = list(unique.values())
     epochs = [e for r in requests for e in r.get("epochs", [])]
     return {
         "wall": wall,

@@ -20,7 +20,6 @@ from muse_bench.runner import RunConfig, run
 from muse_bench.unlearners import UNLEARNERS
 
 ROOT = Path(__file__).resolve().parent.parent
-BUILTIN = ["ga", "ga_gdr", "ga_klr", "npo", "npo_gdr", "npo_klr", "tv", "whp"]
 START, END = "<!-- REFERENCE-TABLE -->", "<!-- /REFERENCE-TABLE -->"
 RSTART, REND = "<!-- ROBUSTNESS-TABLE -->", "<!-- /ROBUSTNESS-TABLE -->"
 
@@ -123,7 +122,7 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     ap.add_argument("--corpus", nargs="+", default=["news", "books"])
-    ap.add_argument("--algo", nargs="+", default=BUILTIN, choices=UNLEARNERS.names())
+    ap.add_argument("--algo", nargs="+", default=UNLEARNERS.names(), choices=UNLEARNERS.names())
     ap.add_argument("--work", type=Path, default=ROOT / "runs" / "published")
     ap.add_argument(
         "--robustness",
