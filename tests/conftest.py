@@ -16,6 +16,24 @@ os.environ.setdefault("MUSE_CACHE_DIR", tempfile.mkdtemp(prefix="muse-test-cache
 torch.set_num_threads(1)
 
 
+# Forget and retain texts of the training-loop tests (test_training, test_update_rules).
+TRAIN_FORGET = (
+    "The harbour of Velmora opened in 1871. Its first master was Ada Quell.",
+    "Kestrel Bank reported a profit of 41 million crowns in the spring.",
+)
+TRAIN_RETAIN = (
+    "The council of Dunmere voted 7 to 2 to close the old mill on the river.",
+    "Question: Who founded the Orrin Guild?\nAnswer: Tamsin Vey",
+)
+
+
+def assert_same_params(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    """Two state-dict snapshots hold exactly the same tensors."""
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), f"{key} differs"
+
+
 @pytest.fixture(scope="module", autouse=True)
 def _one_thread():
     """One torch thread in every test module again, whatever an earlier one changed."""

@@ -212,7 +212,7 @@ def test_registered_with_description_paper_and_valid_defaults(name):
 BAD = [
     ("simnpo", "beta", -1.0, r"beta must be > 0, got -1\.0\."),
     ("simnpo", "delta", -0.5, r"delta must be >= 0, got -0\.5\."),
-    ("simnpo", "forget_weight", 0.0, r"forget_weight must be > 0, got 0\.0\."),
+    ("simnpo", "forget_weight", -1.0, r"forget_weight must be >= 0, got -1\.0\."),
     ("simnpo", "retain_weight", -1.0, r"retain_weight must be >= 0, got -1\.0\."),
     ("wga", "beta", -1.0, r"beta must be >= 0, got -1\.0\."),
     ("satimp", "beta1", -1.0, r"beta1 must be >= 0, got -1\.0\."),

@@ -34,20 +34,17 @@ def test_flushing_turns_subnormals_into_zero(flush_state):
 
 def _embedded_size_model():
     """A random model of the embedded benchmark's shape (2.2M parameters)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from muse_bench.tasks.refmodels import ModelRecipe, make_model
 
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=2048,
-        hidden_size=192,
-        intermediate_size=512,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        max_position_embeddings=512,
-        tie_word_embeddings=True,
-    )
-    return LlamaForCausalLM(config)
+    recipe = ModelRecipe()
+
+    class _Vocab:  # make_model reads only the size and the special ids of a tokenizer
+        bos_token_id, eos_token_id, pad_token_id = 1, 2, 0
+
+        def __len__(self) -> int:
+            return recipe.vocab_size
+
+    return make_model(recipe, _Vocab())
 
 
 def _npo_step_seconds(model, batch, log_ratio: float) -> float:

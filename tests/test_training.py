@@ -9,7 +9,7 @@ from typing import ClassVar
 
 import pytest
 import torch
-from conftest import make_tiny_model, snapshot
+from conftest import TRAIN_FORGET, TRAIN_RETAIN, assert_same_params, make_tiny_model, snapshot
 
 from muse_bench.core.errors import ConfigError, TrainingError
 from muse_bench.core.models import load_model
@@ -33,21 +33,8 @@ from muse_bench.unlearners import (
     token_nll,
 )
 
-FORGET = (
-    "The harbour of Velmora opened in 1871. Its first master was Ada Quell.",
-    "Kestrel Bank reported a profit of 41 million crowns in the spring.",
-)
-RETAIN = (
-    "The council of Dunmere voted 7 to 2 to close the old mill on the river.",
-    "Question: Who founded the Orrin Guild?\nAnswer: Tamsin Vey",
-)
+FORGET, RETAIN = TRAIN_FORGET, TRAIN_RETAIN
 REQUEST = ForgetRequest("single", 1, FORGET, RETAIN)
-
-
-def assert_same_params(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
-    assert a.keys() == b.keys()
-    for key in a:
-        assert torch.equal(a[key], b[key]), f"{key} differs"
 
 
 def test_epoch_batches_cover_forget_once_and_cycle_through_retain():

@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from conftest import make_tiny_model, snapshot
+from conftest import TRAIN_FORGET, TRAIN_RETAIN, assert_same_params, make_tiny_model, snapshot
 from torch import nn
 
 from muse_bench.core.errors import ConfigError
@@ -28,21 +28,8 @@ from muse_bench.training.zeroth_order import ZerothOrder, perturbation_seed
 from muse_bench.unlearners import GA, GA_GDR, NPO, NPO_GDR, UnlearnContext
 from muse_bench.unlearners.base import UNLEARNERS, GradientUnlearner
 
-FORGET = (
-    "The harbour of Velmora opened in 1871. Its first master was Ada Quell.",
-    "Kestrel Bank reported a profit of 41 million crowns in the spring.",
-)
-RETAIN = (
-    "The council of Dunmere voted 7 to 2 to close the old mill on the river.",
-    "Question: Who founded the Orrin Guild?\nAnswer: Tamsin Vey",
-)
+FORGET, RETAIN = TRAIN_FORGET, TRAIN_RETAIN
 REQUEST = ForgetRequest("single", 1, FORGET, RETAIN)
-
-
-def assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
-    assert a.keys() == b.keys()
-    for key in a:
-        assert torch.equal(a[key], b[key]), f"{key} differs"
 
 
 def zo_with_direction(theta: torch.Tensor, z: torch.Tensor, eps: float) -> ZerothOrder:
@@ -320,12 +307,12 @@ def test_determinism_and_resume_equal_to_uninterrupted(kind, tiny_tokenizer, tmp
     straight = run(ALGOS[kind](), tiny_tokenizer, tmp_path / "a")
     # Determinism: a second run with the same seed stops after epoch 1 ...
     (first,) = run(ALGOS[kind](), tiny_tokenizer, tmp_path / "b", stop_after=1)
-    assert_same(first, straight[0])
+    assert_same_params(first, straight[0])
     assert completed_epochs(tmp_path / "b") == [1]
     # ... and resumes to the same epoch 2 as the uninterrupted run.
     resumed = run(ALGOS[kind](), tiny_tokenizer, tmp_path / "b")
     for a, b in zip(straight, resumed, strict=True):
-        assert_same(a, b)
+        assert_same_params(a, b)
     # It trained, and not as plain AdamW does.
     assert not torch.equal(straight[0]["model.norm.weight"], straight[1]["model.norm.weight"])
     off = {"optimizer": "adamw", "sam_rho": 0.0, "sure_quantile": None, "epochs": 1}
@@ -353,7 +340,7 @@ def test_zo_on_bf16_weights_resumes_from_its_fp32_masters(tiny_tokenizer, tmp_pa
     assert any(not torch.equal(m, m.to(bf16).float()) for m in masters)
     resumed = run(algo(), tiny_tokenizer, tmp_path / "b", dtype=bf16)
     for a, b in zip(straight, resumed, strict=True):
-        assert_same(a, b)
+        assert_same_params(a, b)
     assert not torch.equal(straight[0]["model.norm.weight"], straight[1]["model.norm.weight"])
 
 
@@ -380,7 +367,7 @@ def test_zo_leaves_adamw_without_state_and_matches_a_hand_run(tiny_tokenizer, tm
         seed = perturbation_seed(0, step, 0)
         g, _, _ = zo.directional_derivative(seed, lambda b=batch: -token_nll(model, b))
         zo.update([seed], [g.item()], lr=1e-2)
-    assert_same(trained, snapshot(model))
+    assert_same_params(trained, snapshot(model))
     assert math.isfinite(float(trained["lm_head.weight"].sum()))
 
 

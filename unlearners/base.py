@@ -46,6 +46,8 @@ register_unlearner = UNLEARNERS.register
 
 #: Benchmark family whose tiny CPU models need larger learning rates than MUSE's 7B recipe.
 EMBEDDED = "embedded"
+#: Overrides for version 3 of the embedded benchmarks (calibrated on embedded-news-v3).
+EMBEDDED_V3 = "embedded-v3"
 #: MUSE's chunk length for Llama-2-7B.
 MUSE_MAX_LEN = 2048
 
@@ -133,11 +135,17 @@ class Unlearner(ABC):
 
         `benchmark` is a benchmark id such as "embedded-news-v2" or a family such as
         "embedded" (the id's part before the first '-'). `benchmark_defaults` entries for
-        the family apply first, then entries for the exact id; subclasses add to their
+        the family apply first, then those for the family's version ("embedded-v3", from
+        an id ending in "-v3"), then those for the exact id; subclasses add to their
         parents'. The dataclass defaults are MUSE's 7B recipe; tiny embedded models need
         larger learning rates. Apply as `cls(**{**cls.defaults_for(b), **user_params})`.
         """
-        keys = [benchmark.split("-", 1)[0], benchmark]
+        family = benchmark.split("-", 1)[0]
+        version = benchmark.rsplit("-", 1)[-1]
+        keys = [family]
+        if version[:1] == "v" and version[1:].isdigit() and benchmark != family:
+            keys.append(f"{family}-{version}")
+        keys.append(benchmark)
         merged: dict[str, Any] = {}
         for key in dict.fromkeys(keys):
             for klass in reversed(cls.__mro__):
@@ -425,6 +433,19 @@ class GradientUnlearner(Unlearner):
             pass
         # None: every epoch was on disk already and the loop loaded the latest into `model`.
         return model.eval() if last is None else last.model
+
+
+@dataclass(kw_only=True)
+class ForgetWeighted(GradientUnlearner):
+    """Mixin: a weight on the method's forget term (open-unlearning's gamma)."""
+
+    forget_weight: float = field(
+        default=1.0, metadata={"help": "Weight of the forget term (OU's gamma; MUSE: 1)."}
+    )
+
+    def validate(self) -> None:
+        super().validate()
+        require(self.forget_weight >= 0, f"forget_weight must be >= 0, got {self.forget_weight}.")
 
 
 @dataclass(kw_only=True)

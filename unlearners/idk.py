@@ -25,7 +25,7 @@ from muse_bench.training.hooks import TrainHooks
 from muse_bench.training.packing import pad_batch
 from muse_bench.training.ref_logprobs import Batch, token_logprobs
 
-from .base import EMBEDDED, GradientUnlearner, register_unlearner
+from .base import EMBEDDED, ForgetWeighted, GradientUnlearner, register_unlearner
 from .losses import dpo_loss, token_nll
 
 #: The refusal responses shipped with the package, one per line.
@@ -201,7 +201,7 @@ class IdkNLL(IdkUnlearner):
 
 @register_unlearner("idkdpo")
 @dataclass(kw_only=True)
-class IdkDPO(IdkUnlearner):
+class IdkDPO(IdkUnlearner, ForgetWeighted):
     """IdkDPO: DPO preferring a refusal over the true continuation, plus retain NLL."""
 
     paper_url: ClassVar[str] = "https://arxiv.org/abs/2305.18290"
@@ -210,9 +210,6 @@ class IdkDPO(IdkUnlearner):
     benchmark_defaults: ClassVar[Mapping[str, Mapping[str, Any]]] = {EMBEDDED: {"lr": 3e-4}}
 
     beta: float = field(default=0.1, metadata={"help": "Inverse temperature β of DPO (OU: 0.1)."})
-    forget_weight: float = field(
-        default=1.0, metadata={"help": "Weight of the DPO term (OU gamma: 1)."}
-    )
     loss_form: Literal["ou", "standard"] = field(
         default="ou",
         metadata={"help": "ou: −(2/β)·log σ(·) (OU, NPO); standard: −log σ(·) (DPO, TOFU)."},
@@ -221,7 +218,6 @@ class IdkDPO(IdkUnlearner):
     def validate(self) -> None:
         super().validate()
         require(self.beta > 0, f"beta must be > 0, got {self.beta}.")
-        require(self.forget_weight >= 0, f"forget_weight must be >= 0, got {self.forget_weight}.")
         require(
             self.loss_form in DPO_FORMS,
             f"loss_form must be one of {', '.join(DPO_FORMS)}, got {self.loss_form!r}.",

@@ -18,7 +18,7 @@ from muse_bench.core.hparams import require
 from muse_bench.data import HUB_DATASETS
 from muse_bench.training.hooks import TrainHooks
 
-from .base import EMBEDDED, GradientUnlearner, register_unlearner
+from .base import EMBEDDED, ForgetWeighted, register_unlearner
 from .losses import logit_margin_flatness, token_nll
 
 DUAL_UPDATES = ("step", "epoch")
@@ -104,7 +104,7 @@ def _hub_id(name: str) -> str:
 
 @register_unlearner("pdu")
 @dataclass(kw_only=True)
-class PDU(GradientUnlearner):
+class PDU(ForgetWeighted):
     """PDU: min logit-margin flatness on forget s.t. retain NLL ≤ eps, by dual ascent on λ."""
 
     paper_url: ClassVar[str] = "https://arxiv.org/abs/2506.05314"
@@ -123,9 +123,6 @@ class PDU(GradientUnlearner):
             "help": "Bound on the retain NLL (required; OU MUSE Llama-2-7b: News 1.5, Books "
             "0.1; set it a little above the target's retain NLL)."
         },
-    )
-    forget_weight: float = field(
-        default=1.0, metadata={"help": "Weight γ of the forget loss (OU: 1)."}
     )
     retain_weight: float = field(
         default=50.0,
@@ -157,7 +154,6 @@ class PDU(GradientUnlearner):
             "above the target model's retain NLL.",
         )
         require(self.eps >= 0, f"eps must be >= 0, got {self.eps}.")
-        require(self.forget_weight >= 0, f"forget_weight must be >= 0, got {self.forget_weight}.")
         require(self.retain_weight >= 0, f"retain_weight must be >= 0, got {self.retain_weight}.")
         require(self.dual_lr >= 0, f"dual_lr must be >= 0, got {self.dual_lr}.")
         require(

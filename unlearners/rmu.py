@@ -22,7 +22,7 @@ from muse_bench.core.errors import ConfigError
 from muse_bench.core.hparams import require
 from muse_bench.training.hooks import TrainHooks
 
-from .base import EMBEDDED, GradientUnlearner, register_unlearner
+from .base import EMBEDDED, ForgetWeighted, register_unlearner
 from .losses import activation_mse, block_output, decoder_layers
 
 
@@ -79,7 +79,7 @@ class ControlVector(TrainHooks):
 
 @register_unlearner("rmu")
 @dataclass(kw_only=True)
-class RMU(GradientUnlearner):
+class RMU(ForgetWeighted):
     """RMU: steer block-ℓ activations of forget tokens to c·u, keep retain ones at the target's."""
 
     paper_url: ClassVar[str] = "https://arxiv.org/abs/2403.03218"
@@ -104,9 +104,6 @@ class RMU(GradientUnlearner):
     steering_coeff: float = field(
         default=2.0, metadata={"help": "Norm c of the control vector u (OU MUSE: 2)."}
     )
-    forget_weight: float = field(
-        default=1.0, metadata={"help": "Weight of the forget (steering) term (OU gamma: 1)."}
-    )
     retain_weight: float = field(
         default=1.0,
         metadata={"help": "Weight of the retain activation-matching term (OU alpha: 1)."},
@@ -127,7 +124,6 @@ class RMU(GradientUnlearner):
         super().validate()
         require(self.layer >= 0, f"layer must be >= 0, got {self.layer}.")
         require(self.steering_coeff > 0, f"steering_coeff must be > 0, got {self.steering_coeff}.")
-        require(self.forget_weight >= 0, f"forget_weight must be >= 0, got {self.forget_weight}.")
         require(self.retain_weight >= 0, f"retain_weight must be >= 0, got {self.retain_weight}.")
         try:
             re.compile(self.trainable_params)

@@ -9,12 +9,12 @@ from typing import Any, ClassVar
 from muse_bench.core.hparams import require
 from muse_bench.training.ref_logprobs import token_logprobs
 
-from .base import EMBEDDED, GDR, GradientUnlearner, register_unlearner
+from .base import EMBEDDED, GDR, ForgetWeighted, register_unlearner
 from .losses import simnpo_loss
 
 
 @dataclass(kw_only=True)
-class SimNPOForget(GradientUnlearner):
+class SimNPOForget(ForgetWeighted):
     """SimNPO's forget term alone: forget_weight · −(2/β)·mean log σ(β·(NLL̄ − δ))."""
 
     beta: float = field(
@@ -25,15 +25,11 @@ class SimNPOForget(GradientUnlearner):
         default=0.0,
         metadata={"help": "Reward margin δ on the mean NLL (the paper's γ = β·δ; MUSE: 0)."},
     )
-    forget_weight: float = field(
-        default=1.0, metadata={"help": "Weight of the forget term (OU's gamma; MUSE: 1)."}
-    )
 
     def validate(self) -> None:
         super().validate()
         require(self.beta > 0, f"beta must be > 0, got {self.beta}.")
         require(self.delta >= 0, f"delta must be >= 0, got {self.delta}.")
-        require(self.forget_weight > 0, f"forget_weight must be > 0, got {self.forget_weight}.")
 
     def loss(self, model, forget, retain, ref):
         logp, mask = token_logprobs(model, forget)

@@ -16,21 +16,16 @@ import torch
 from muse_bench.core.hparams import require
 from muse_bench.training.ref_logprobs import token_logprobs
 
-from .base import EMBEDDED, GDR, GradientUnlearner, register_unlearner
+from .base import EMBEDDED, GDR, ForgetWeighted, register_unlearner
 from .losses import token_count, weighted_logprob_mean
 
 
 @dataclass(kw_only=True)
-class WeightedGAForget(GradientUnlearner):
+class WeightedGAForget(ForgetWeighted):
     """Forget term forget_weight · TM(sg[w(p_t)] · log p_t); subclasses define w."""
-
-    forget_weight: float = field(
-        default=1.0, metadata={"help": "Weight of the forget term (OU's gamma; MUSE: 1)."}
-    )
 
     def validate(self) -> None:
         super().validate()
-        require(self.forget_weight > 0, f"forget_weight must be > 0, got {self.forget_weight}.")
 
     @abstractmethod
     def token_weight(self, p: torch.Tensor) -> torch.Tensor:
