@@ -175,3 +175,21 @@ def test_defaults_for_merges_along_the_mro_and_keeps_only_fields():
 
     assert Custom.defaults_for("embedded") == {"lr": 3e-4, "beta": 2.0}
     assert issubclass(Custom, GradientUnlearner)
+
+
+def test_defaults_for_applies_family_then_version_then_exact_id():
+    @dataclass(kw_only=True)
+    class Versioned(GA):
+        """A GA variant calibrated per benchmark version."""
+
+        benchmark_defaults = {
+            "embedded": {"lr": 1.0, "epochs": 2},
+            "embedded-v3": {"lr": 3.0},
+            "embedded-books-v3": {"epochs": 7},
+        }
+
+    assert Versioned.defaults_for("embedded-news-v2") == {"lr": 1.0, "epochs": 2}
+    assert Versioned.defaults_for("embedded-news-v3") == {"lr": 3.0, "epochs": 2}
+    assert Versioned.defaults_for("embedded-books-v3") == {"lr": 3.0, "epochs": 7}
+    assert Versioned.defaults_for("embedded") == {"lr": 1.0, "epochs": 2}
+    assert Versioned.defaults_for("hub-muse-bench/MUSE-News@v3") == {}
