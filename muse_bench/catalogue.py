@@ -69,12 +69,13 @@ def build() -> dict[str, Any]:
     from muse_bench.core.hparams import describe
     from muse_bench.engines import ENGINES
     from muse_bench.metrics.mia import available_attacks
+    from muse_bench.data import default_version
     from muse_bench.unlearners import UNLEARNERS
 
     methods = []
     for name in UNLEARNERS.names():
         cls = UNLEARNERS.get(name)
-        embedded = cls.defaults_for("embedded")
+        embedded = cls.defaults_for(f"embedded-news-v{default_version('news')}")
         methods.append(
             {
                 "name": name,

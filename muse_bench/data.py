@@ -82,10 +82,9 @@ def embedded_versions() -> tuple[str, ...]:
 
 
 # The version `--corpus news|books` means (a versioned name such as 'news-v2' picks
-# another). A new generator version becomes the default once its models are committed:
-# v3's data is committed, its models are not yet (`muse prepare --corpus news-v3 --rebuild`
-# and the same for books-v3, then set both to "3").
-DEFAULT_VERSIONS: dict[str, str] = {"news": "2", "books": "2"}
+# another). A new generator version becomes the default once its models are committed
+# (`muse prepare --corpus news-v3 --rebuild`, the same for books); v2 stays loadable.
+DEFAULT_VERSIONS: dict[str, str] = {"news": "3", "books": "3"}
 
 
 def default_version(name: str) -> str:
