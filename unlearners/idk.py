@@ -25,7 +25,7 @@ from muse_bench.training.hooks import TrainHooks
 from muse_bench.training.packing import pad_batch
 from muse_bench.training.ref_logprobs import Batch, token_logprobs
 
-from .base import EMBEDDED, ForgetWeighted, GradientUnlearner, register_unlearner
+from .base import EMBEDDED, EMBEDDED_V3, ForgetWeighted, GradientUnlearner, register_unlearner
 from .losses import dpo_loss, token_nll
 
 #: The refusal responses shipped with the package, one per line.
@@ -184,6 +184,8 @@ class IdkNLL(IdkUnlearner):
     """IdkNLL: NLL of a refusal after each forget prompt, plus NLL on the retain set."""
 
     paper_url: ClassVar[str] = "https://arxiv.org/abs/2401.06121"
+    # Calibrated on embedded news v3 (sweeps/calibrate_v3_news.toml, docs/methods.md).
+    benchmark_defaults: ClassVar[Mapping[str, Mapping[str, Any]]] = {EMBEDDED_V3: {"lr": 1e-3}}
 
     concat_mean: bool = field(
         default=False,
@@ -207,7 +209,10 @@ class IdkDPO(IdkUnlearner, ForgetWeighted):
     paper_url: ClassVar[str] = "https://arxiv.org/abs/2305.18290"
     needs_ref_model: ClassVar[bool] = True
     # calibrated on embedded news (docs/methods.md): at 1e-3 knowmem_r fell to 25
-    benchmark_defaults: ClassVar[Mapping[str, Mapping[str, Any]]] = {EMBEDDED: {"lr": 3e-4}}
+    benchmark_defaults: ClassVar[Mapping[str, Mapping[str, Any]]] = {
+        EMBEDDED: {"lr": 3e-4},
+        EMBEDDED_V3: {"lr": 3e-3},
+    }
 
     beta: float = field(default=0.1, metadata={"help": "Inverse temperature β of DPO (OU: 0.1)."})
     loss_form: Literal["ou", "standard"] = field(

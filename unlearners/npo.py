@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from muse_bench.core.hparams import require
 
-from .base import GDR, KLR, GradientUnlearner, register_unlearner
+from .base import EMBEDDED_V3, GDR, KLR, GradientUnlearner, register_unlearner
 from .losses import npo_loss, sequence_logprob
 
 
@@ -17,6 +18,8 @@ class NPO(GradientUnlearner):
     """NPO: L = −(2/β)·mean log σ(−β·(log p_θ(x) − log p_ref(x)))."""
 
     paper_url: ClassVar[str] = "https://arxiv.org/abs/2404.05868"
+    # Calibrated on embedded news v3 (sweeps/calibrate_v3_news.toml, docs/methods.md).
+    benchmark_defaults: ClassVar[Mapping[str, Mapping[str, Any]]] = {EMBEDDED_V3: {"lr": 5e-4}}
 
     needs_ref_logprobs: ClassVar[bool] = True
     beta: float = field(default=0.1, metadata={"help": "Inverse temperature β of NPO (MUSE: 0.1)."})
@@ -35,6 +38,8 @@ class NPO_GDR(GDR, NPO):
     """NPO plus gradient descent on the retain set."""
 
     paper_url: ClassVar[str] = "https://arxiv.org/abs/2404.05868"
+    # Calibrated on embedded news v3 (sweeps/calibrate_v3_news.toml, docs/methods.md).
+    benchmark_defaults: ClassVar[Mapping[str, Mapping[str, Any]]] = {EMBEDDED_V3: {"lr": 3e-3}}
 
 
 @register_unlearner("npo_klr")
@@ -43,3 +48,5 @@ class NPO_KLR(KLR, NPO):
     """NPO plus a KL regularizer to the target model on retain tokens."""
 
     paper_url: ClassVar[str] = "https://arxiv.org/abs/2404.05868"
+    # Calibrated on embedded news v3 (sweeps/calibrate_v3_news.toml, docs/methods.md).
+    benchmark_defaults: ClassVar[Mapping[str, Mapping[str, Any]]] = {EMBEDDED_V3: {"lr": 3e-3}}

@@ -22,7 +22,7 @@ from muse_bench.core.errors import ConfigError
 from muse_bench.core.hparams import require
 from muse_bench.training.hooks import TrainHooks
 
-from .base import EMBEDDED, ForgetWeighted, register_unlearner
+from .base import EMBEDDED, EMBEDDED_V3, ForgetWeighted, register_unlearner
 from .losses import activation_mse, block_output, decoder_layers
 
 
@@ -95,6 +95,8 @@ class RMU(ForgetWeighted):
             "retain_weight": 100.0,
             "trainable_params": r"layers\.[0-2]\.",
         },
+        # calibrated on embedded news v3 (sweeps/calibrate_v3_news.toml)
+        EMBEDDED_V3: {"lr": 3e-3},
     }
 
     layer: int = field(

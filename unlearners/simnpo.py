@@ -9,7 +9,7 @@ from typing import Any, ClassVar
 from muse_bench.core.hparams import require
 from muse_bench.training.ref_logprobs import token_logprobs
 
-from .base import EMBEDDED, GDR, ForgetWeighted, register_unlearner
+from .base import EMBEDDED, EMBEDDED_V3, GDR, ForgetWeighted, register_unlearner
 from .losses import simnpo_loss
 
 
@@ -46,7 +46,9 @@ class SimNPO(GDR, SimNPOForget):
     # epoch 3; at 1e-4 knowmem_f is 53 after 3 epochs with knowmem_r 54, then plateaus near
     # 20-28 with knowmem_r 30-38, so the embedded default stops after 3 epochs.
     benchmark_defaults: ClassVar[Mapping[str, Mapping[str, Any]]] = {
-        EMBEDDED: {"lr": 1e-4, "epochs": 3}
+        EMBEDDED: {"lr": 1e-4, "epochs": 3},
+        # calibrated on embedded news v3 (sweeps/calibrate_v3_news.toml)
+        EMBEDDED_V3: {"lr": 1e-3, "epochs": 10},
     }
 
     retain_weight: float = field(

@@ -18,6 +18,7 @@ from muse_bench.core.types import ForgetRequest
 
 from .base import (
     EMBEDDED,
+    EMBEDDED_V3,
     Candidate,
     GradientUnlearner,
     UnlearnContext,
@@ -118,6 +119,10 @@ class TaskVector(ReinforcedSweep):
     """Task vector negation: θ = θ_target − α·(θ_ft − θ_target)."""
 
     paper_url: ClassVar[str] = "https://arxiv.org/abs/2212.04089"
+    # Calibrated on embedded news v3 (sweeps/calibrate_v3_news.toml, docs/methods.md).
+    benchmark_defaults: ClassVar[Mapping[str, Mapping[str, Any]]] = {
+        EMBEDDED_V3: {"alphas": (0.5, 0.625, 0.75, 0.875, 1.0)}
+    }
 
     def sweep(self, target, reinforced):
         candidate = copy.deepcopy(target)

@@ -9,7 +9,7 @@ from typing import Any, ClassVar
 
 from muse_bench.core.hparams import require
 
-from .base import EMBEDDED, GradientUnlearner, register_unlearner
+from .base import EMBEDDED, EMBEDDED_V3, GradientUnlearner, register_unlearner
 from .losses import next_token_logits, soft_cross_entropy, token_count, undial_target_logits
 
 
@@ -22,7 +22,10 @@ class UNDIAL(GradientUnlearner):
     needs_ref_model: ClassVar[bool] = True
     # Calibrated on embedded news (docs/methods.md): ten epochs at 3e-4 take knowmem_f
     # 83 -> 53 and keep knowmem_r 50.
-    benchmark_defaults: ClassVar[Mapping[str, Mapping[str, Any]]] = {EMBEDDED: {"lr": 3e-4}}
+    benchmark_defaults: ClassVar[Mapping[str, Mapping[str, Any]]] = {
+        EMBEDDED: {"lr": 3e-4},
+        EMBEDDED_V3: {"lr": 3e-3},
+    }
 
     lr: float = field(default=1e-4, metadata={"help": "AdamW learning rate (OU UNDIAL: 1e-4)."})
     beta: float = field(

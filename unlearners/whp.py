@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -14,7 +15,7 @@ from muse_bench.core.errors import ModelError
 from muse_bench.core.io import atomic_write_json
 from muse_bench.core.models import cache_keyword
 
-from .base import register_unlearner
+from .base import EMBEDDED_V3, register_unlearner
 from .task_vector import ReinforcedSweep
 
 WHP_MARKER = "whp.json"
@@ -124,6 +125,10 @@ class WHP(ReinforcedSweep):
     """Who's Harry Potter: steer logits away from a model reinforced on the forget set."""
 
     paper_url: ClassVar[str] = "https://arxiv.org/abs/2310.02238"
+    # Calibrated on embedded news v3 (sweeps/calibrate_v3_news.toml, docs/methods.md).
+    benchmark_defaults: ClassVar[Mapping[str, Mapping[str, Any]]] = {
+        EMBEDDED_V3: {"alphas": (1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0)}
+    }
 
     alphas: tuple[float, ...] = field(
         default=(1.0, 2.0, 4.0, 8.0, 16.0),
