@@ -112,7 +112,8 @@ def _strings(record: dict) -> list[str]:
 
 
 def write_mini_benchmark(root, docs: int = 4, seed: int = 0):
-    """A tiny MUSE-layout corpus (cut from embedded news) with tiny target/retrain models.
+    """A tiny MUSE-layout corpus (cut from embedded news v2, whose items carry no document
+    index, so the cut stays consistent) with tiny target/retrain models.
 
     Returns (data_dir, target_dir, retrain_dir). The models are random: enough to run every
     stage of the pipeline in seconds, not to give meaningful numbers.
@@ -125,7 +126,7 @@ def write_mini_benchmark(root, docs: int = 4, seed: int = 0):
     from muse_bench.tasks.tokenizer import train_bpe_tokenizer
 
     root = Path(root)
-    src = embedded_dir("news")
+    src = embedded_dir("news-v2")
     data = root / "data"
     texts = []
     for path in sorted(src.rglob("*.json")):

@@ -252,20 +252,25 @@ def test_relearn_lowers_loss_and_is_seeded(tiny_tokenizer):
 
 
 # ----------------------------------------------------------------------------- mapping
-def test_embedded_mapping_is_derived_and_complete():
+@pytest.mark.parametrize(
+    "version, source, held_out, verbmem",
+    [("v2", "derived", [10, 20], 10), ("v3", "items", [25, 50], 50)],
+)
+def test_embedded_mapping_is_complete(version, source, held_out, verbmem):
     from muse_bench.data import load_corpus
 
     for name in ("news", "books"):
-        corpus = load_corpus(name)
+        corpus = load_corpus(f"{name}-{version}")
         m = item_documents(corpus)
-        assert m.source == "derived"
+        assert m.source == source  # v2 derives it from the texts, v3 ships "doc" fields
         for p, d in zip(corpus.verbmem_forget, m.verbmem, strict=True):
-            assert corpus.forget[d].startswith(p.prompt)
+            # v3's second verbmem prompt of a document is its opening + first paragraph
+            assert corpus.forget[d].startswith(p.prompt.split("\n")[0])
         for q, d in zip(corpus.forget_qa, m.knowmem, strict=True):
             assert q.question in corpus.forget[d] and q.answer in corpus.forget[d]
         sub, info = held_out_corpus(corpus)
-        assert info["held_out_docs"] == [10, 20]
-        assert len(sub.verbmem_forget) == 10
+        assert info["held_out_docs"] == held_out
+        assert len(sub.verbmem_forget) == verbmem
         assert 0 < len(sub.forget_qa) < len(corpus.forget_qa)
 
 
@@ -533,8 +538,8 @@ def test_retain_control_has_the_forget_corpus_step_budget():
     from muse_bench.robustness.relearn import steps_per_pass
     from muse_bench.training.packing import pack_texts
 
-    corpus = load_corpus("news")
-    tok = load_tokenizer(embedded_models_dir("news") / "target")
+    corpus = load_corpus("news-v2")
+    tok = load_tokenizer(embedded_models_dir("news-v2") / "target")
     checks = {n: make_check(n, "embedded", corpus, 0) for n in RELEARN_NAMES}
     texts = {n: relearn_texts(c, corpus, tok, 512) for n, c in checks.items()}
     assert texts["relearn_all"] == list(corpus.forget)
