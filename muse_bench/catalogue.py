@@ -67,9 +67,9 @@ def fingerprint() -> str:
 def build() -> dict[str, Any]:
     """The listing, computed from the registries (imports torch)."""
     from muse_bench.core.hparams import describe
+    from muse_bench.data import default_version
     from muse_bench.engines import ENGINES
     from muse_bench.metrics.mia import available_attacks
-    from muse_bench.data import default_version
     from muse_bench.unlearners import UNLEARNERS
 
     methods = []

@@ -5,6 +5,11 @@ embedded news and books, copies the leaderboard CSVs into `leaderboard/`, render
 page there, and rewrites the reference table in README.md.
 
     .venv/bin/python scripts/make_leaderboard.py [--corpus news books] [--algo ...] [--work DIR]
+
+Besides one row per method (its embedded defaults, seed 0), it publishes the update-rule
+variants in VARIANTS as rows of their own (`npo+zo`, ...), each named after its option.
+A finished run in --work is reused, so a rerun after an interruption, or after a sweep
+that made the same runs in the same directory, only does what is missing.
 """
 
 from __future__ import annotations
@@ -17,9 +22,19 @@ from pathlib import Path
 
 from muse_bench.leaderboard.page import render
 from muse_bench.runner import RunConfig, run
+from muse_bench.runner.records import leaderboard_path, publish, read_json
 from muse_bench.unlearners import UNLEARNERS
 
 ROOT = Path(__file__).resolve().parent.parent
+
+# Leaderboard rows of the update-rule options (issue #16): row name -> (method, -P options).
+# ZO's settings are the best found on embedded news (README "Update rules"); SAM's rho and
+# SURE's quantile are their papers'.
+VARIANTS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "npo+zo": ("npo", ("optimizer=zo", "lr=1e-5", "batch_size=1", "zo_samples=4", "epochs=3")),
+    "npo_gdr+sam": ("npo_gdr", ("sam_rho=0.01",)),
+    "ga_gdr+sure": ("ga_gdr", ("sure_quantile=0.9",)),
+}
 START, END = "<!-- REFERENCE-TABLE -->", "<!-- /REFERENCE-TABLE -->"
 RSTART, REND = "<!-- ROBUSTNESS-TABLE -->", "<!-- /ROBUSTNESS-TABLE -->"
 
@@ -42,7 +57,7 @@ def table(reports: dict[str, list[dict]]) -> str:
         for r in reps:
             m = r["metrics"]
             lines.append(
-                f"| {corpus} | {r['algo']} | {r['selected']} | {m['verbmem_f']:.1f} | "
+                f"| {corpus} | {r.get('name') or r['algo']} | {r['selected']} | {m['verbmem_f']:.1f} | "
                 f"{m['knowmem_f']:.1f} | {m['privleak']:.1f} | {m['knowmem_r']:.1f} | "
                 f"{r['timings']['total_s']:.0f} |"
             )
@@ -83,7 +98,7 @@ def robustness_table(reports: dict[str, list[dict]]) -> str:
         for r, sec in zip(reps, sections, strict=True):
             if sec:
                 agree = (sec.get("quant4") or {}).get("derived", {}).get("code_agreement")
-                rows.append((r["algo"], sec, sec, agree))
+                rows.append((r.get("name") or r["algo"], sec, sec, agree))
         for name, by_check, own, agree in rows:
             q, rl = by_check.get("quant4") or {}, by_check.get("relearn") or {}
             qb, qa = q.get("before", {}), q.get("metrics", {})
@@ -117,6 +132,22 @@ def _replace_block(text: str, start: str, end: str, block: str) -> str:
     return head + block + tail
 
 
+def publish_rows(reps: list[dict], work: Path) -> Path:
+    """A fresh CSV of exactly these runs and their target and retrain rows.
+
+    The work directory's own leaderboard may hold other runs (a sweep's, earlier ones),
+    so the rows are published anew into `work/_published/`."""
+    staging = work / "_published"
+    corpus = reps[0]["corpus"]
+    csv = leaderboard_path(staging, corpus)
+    csv.unlink(missing_ok=True)
+    for which, ref in reps[0]["reference"].items():
+        publish(read_json(work / corpus / which / ref["run_id"] / "report.json"), staging)
+    for rep in reps:
+        publish(rep, staging)
+    return csv
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -129,15 +160,34 @@ def main() -> None:
         default="quant4,relearn",
         help="robustness checks of every run (muse run --robustness; 'none' to skip)",
     )
+    ap.add_argument(
+        "--variants",
+        nargs="*",
+        default=list(VARIANTS),
+        choices=list(VARIANTS),
+        help="update-rule variant rows to publish (none: --variants with no names)",
+    )
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    ap.add_argument(
+        "--no-page", action="store_true", help="only the runs and CSVs (render and README later)"
+    )
     args = ap.parse_args()
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    rows = [(algo, algo, ()) for algo in args.algo]
+    rows += [(name, *VARIANTS[name]) for name in args.variants]
     reports: dict[str, list[dict]] = {}
     for corpus in args.corpus:
-        for algo in args.algo:
+        for name, algo, params in rows:
             t = time.time()
             rep = run(
                 RunConfig(
                     algo=algo,
                     corpus=corpus,
+                    params=params,
+                    name=None if name == algo else name,
                     out=args.work,
                     progress=False,
                     device="cpu",
@@ -146,15 +196,16 @@ def main() -> None:
                 echo=lambda s: None,
             )
             print(
-                f"{corpus:6s} {algo:8s} {rep['selected']:>10s} "
+                f"{corpus:6s} {name:12s} {rep['selected']:>10s} "
                 + " ".join(f"{k}={v:.1f}" for k, v in rep["metrics"].items())
                 + f" ({time.time() - t:.0f}s)",
                 flush=True,
             )
             reports.setdefault(corpus, []).append(rep)
-        shutil.copyfile(
-            args.work / "leaderboard" / f"{corpus}.csv", ROOT / "leaderboard" / f"{corpus}.csv"
-        )
+        csv = publish_rows(reports[corpus], args.work)
+        shutil.copyfile(csv, ROOT / "leaderboard" / f"{corpus}.csv")
+    if args.no_page:
+        return
     csvs = sorted((ROOT / "leaderboard").glob("*.csv"))
     page = render(csvs, ROOT / "leaderboard")
     print(f"rendered {page}")
@@ -168,7 +219,16 @@ def main() -> None:
                 c: [
                     {
                         k: r.get(k)
-                        for k in ("algo", "run_id", "selected", "metrics", "ci", "params", "extra")
+                        for k in (
+                            "name",
+                            "algo",
+                            "run_id",
+                            "selected",
+                            "metrics",
+                            "ci",
+                            "params",
+                            "extra",
+                        )
                     }
                     for r in reps
                 ]

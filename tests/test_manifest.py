@@ -33,7 +33,7 @@ def task():
 
 def ga_params(**over):
     cls = get_unlearner_class("ga")
-    unl = cls(**{**cls.defaults_for("embedded-news-v2"), **over})
+    unl = cls(**{**cls.defaults_for("embedded-news-v3"), **over})
     return dataclasses.asdict(unl)
 
 
@@ -94,11 +94,11 @@ def test_tv_batches_its_finetune() -> None:
 
 def test_recipe_and_notice(plain_env, task) -> None:
     ga = get_unlearner_class("ga")
-    assert mf.recipe_batch(ga, "embedded-news-v2") == 4  # the embedded defaults: 4 x 1
+    assert mf.recipe_batch(ga, "embedded-news-v3") == 4  # the embedded defaults: 4 x 1
     m = manifest_for(task, ga_params(batch_size=2), recipe_effective_batch=4)
     lines = mf.batch_notice(m)
     assert lines[0].startswith("effective batch: 2 chunks")
-    assert len(lines) == 2 and "differs from the embedded-news-v2 recipe's 4" in lines[1]
+    assert len(lines) == 2 and "differs from the embedded-news-v3 recipe's 4" in lines[1]
     same = manifest_for(task, ga_params(batch_size=2, grad_accum=2), recipe_effective_batch=4)
     assert len(mf.batch_notice(same)) == 1  # 2 x 2 is the recipe's 4: no warning
 
@@ -199,5 +199,5 @@ def test_run_prints_the_effective_batch(plain_env, tmp_path) -> None:
     ]
     lines.clear()
     Run(dataclasses.replace(cfg, params=("batch_size=2",)), echo=lines.append)
-    assert lines[1].startswith("warning: the effective batch 2 differs from the embedded-news-v2")
+    assert lines[1].startswith("warning: the effective batch 2 differs from the embedded-news-v3")
     assert not any(tmp_path.iterdir())

@@ -87,11 +87,20 @@ def test_manifest_cell_and_seeds_drive_the_rerun(tmp_path) -> None:
     assert notes == []
 
 
+def test_an_embedded_row_reruns_on_its_own_version() -> None:
+    assert vf.source_for("embedded-news-v2", "news", None) == ("news-v2", "embedded")
+    assert vf.source_for("embedded-books-v3", "books", None) == ("books-v3", "embedded")
+    assert vf.source_for("hub-x", "news", None) == ("news", "hub")
+    assert vf.source_for("embedded-news-v2", "news", "/data") == ("news", "/data")
+    with pytest.raises(vf.Unverifiable, match="ships embedded-books-v2"):
+        vf.source_for("embedded-news-v2", "books", None)  # the id names another corpus
+
+
 @pytest.mark.parametrize(
     "edit, reason",
     [
         ({"algo": "eval"}, "external checkpoint"),
-        ({"benchmark": "embedded-news-v1"}, "this harness ships embedded-news-v2"),
+        ({"benchmark": "embedded-news-v1"}, "ships embedded-news-v2, embedded-news-v3"),
         ({"benchmark": "dir-news-abc"}, "--source DIR"),
         ({"params": '{"no_such_knob": 1}'}, "no longer has hyperparameter(s) no_such_knob"),
     ],

@@ -105,23 +105,25 @@ def param_text(value: Any) -> str:
     return str(value)
 
 
-def source_for(benchmark: str, corpus: str, source: str | None) -> str:
-    """The `--source` that gives `benchmark` here; Unverifiable when this harness does
-    not ship it (another embedded version) or cannot tell (a directory benchmark)."""
-    from muse_bench.data import embedded_benchmark_id
+def source_for(benchmark: str, corpus: str, source: str | None) -> tuple[str, str]:
+    """The `--corpus` and `--source` that give `benchmark` here (an embedded row's own
+    version, e.g. news-v2 for embedded-news-v2); Unverifiable when this harness does not
+    ship it (another embedded version) or cannot tell (a directory benchmark)."""
+    from muse_bench.data import embedded_versions
 
     if source is not None:
-        return source
+        return corpus, source
     if benchmark.startswith("embedded-"):
-        here = embedded_benchmark_id(corpus)
-        if benchmark != here:
+        version = benchmark.rsplit("-v", 1)[-1]
+        if benchmark != f"embedded-{corpus}-v{version}" or version not in embedded_versions():
+            shipped = ", ".join(f"embedded-{corpus}-v{v}" for v in embedded_versions())
             raise Unverifiable(
-                f"the row is on {benchmark}; this harness ships {here} (use a matching version)"
+                f"the row is on {benchmark}; this harness ships {shipped} (use a matching version)"
             )
-        return "embedded"
+        return f"{corpus}-v{version}", "embedded"
     if benchmark.startswith("dir-"):
         raise Unverifiable("the row is on a local directory benchmark; pass its --source DIR")
-    return "hub"
+    return corpus, "hub"
 
 
 def rerun_config(row: Mapping[str, str], out: Path, device: str, source: str | None):
@@ -141,10 +143,11 @@ def rerun_config(row: Mapping[str, str], out: Path, device: str, source: str | N
         params = json.loads(row.get("params") or "{}")
     except json.JSONDecodeError:
         raise Unverifiable("the row's params are not JSON") from None
+    corpus_spec, source = source_for(row.get("benchmark") or "", corpus, source)
     cfg = RunConfig(
         algo=algo,
-        corpus=corpus,
-        source=source_for(row.get("benchmark") or "", corpus, source),
+        corpus=corpus_spec,
+        source=source,
         protocol="single" if algo in REFERENCE_ALGOS else row.get("protocol") or "single",
         params=tuple(f"{k}={param_text(v)}" for k, v in sorted(params.items())),
         seed=int(row.get("seed") or 0),
