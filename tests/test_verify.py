@@ -20,6 +20,8 @@ from muse_bench.unlearners import get_unlearner_class
 ROOT = Path(__file__).resolve().parent.parent
 NEWS = ROOT / "leaderboard" / "news.csv"
 BOOKS = ROOT / "leaderboard" / "books.csv"
+# The v2 leaderboard, kept as published when v3 became the default.
+V2_NEWS = ROOT / "leaderboard" / "v2" / "news.csv"
 
 
 def published(path: Path = NEWS) -> dict[str, dict[str, str]]:
@@ -164,13 +166,13 @@ def edited_csv(tmp_path: Path, source: Path, names: list[str], **cells: str) -> 
 
 @pytest.mark.slow
 def test_published_references_verify_and_an_edited_one_fails(tmp_path) -> None:
-    """target and retrain of the shipped news.csv come back exactly; a target row whose
-    knowmem_f was edited does not (CLI exit 1)."""
-    ok = edited_csv(tmp_path / "ok", NEWS, ["target", "retrain"])
-    code, out, _ = invoke_cli(["leaderboard", "verify", str(ok), "--out", tmp_path / "runs"])
+    """target and retrain of the shipped v2 news.csv come back exactly (on news-v2); a
+    target row whose knowmem_f was edited does not (CLI exit 1)."""
+    ok = edited_csv(tmp_path / "ok", V2_NEWS, ["target", "retrain"])
+    code, out, _ = invoke_cli(["leaderboard", "verify", str(ok), "--out", tmp_path / "runs_ok"])
     assert code == 0 and "2 of 2 row(s) reproduced" in out
-    bad = edited_csv(tmp_path / "bad", NEWS, ["target"], knowmem_f="80.0")
-    code, out, _ = invoke_cli(["leaderboard", "verify", str(bad), "--out", tmp_path / "runs"])
+    bad = edited_csv(tmp_path / "bad", V2_NEWS, ["target"], knowmem_f="80.0")
+    code, out, _ = invoke_cli(["leaderboard", "verify", str(bad), "--out", tmp_path / "runs_bad"])
     assert code == 1 and "0 of 1 row(s) reproduced" in out
     assert "BAD knowmem_f" in out and "published   80.0000 rerun   83.3333" in out
 
