@@ -63,8 +63,10 @@ def table(reports: dict[str, list[dict]]) -> str:
             )
     lines += [
         "",
-        "Produced by `.venv/bin/python scripts/make_leaderboard.py` (2 CPU cores; times include "
-        "the reference evaluations for the first run of each corpus).",
+        "Produced by `.venv/bin/python scripts/make_leaderboard.py`. Times are each run's own "
+        "total as its report records it, wherever it was made (a reused run keeps its time, "
+        "including any reference evaluations and machine load of that moment): they are not "
+        "benchmarks; `benchmarks/bench_run.py` measures time.",
         "",
         END,
     ]
