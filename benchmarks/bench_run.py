@@ -106,7 +106,7 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|---|")
     for algo in args.algo:
         wall = muse(["run", "--algo", algo, *common, *args.extra])
-        b = breakdown(find_report(out, args.corpus, algo), wall)
+        b = breakdown(find_report(out, args.corpus.split("-v")[0], algo), wall)
         print(
             f"| {algo} | {b['wall']:.1f} | {b['startup']:.1f} | {b['references']:.1f} | "
             f"{b['train']:.1f} | {b['select']:.1f} | {b['final']:.1f} | {b['write']:.1f} | "
