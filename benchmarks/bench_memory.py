@@ -16,7 +16,7 @@ so that freed tensors leave the resident set at once, as on a GPU allocator. On 
 
     python benchmarks/bench_memory.py                        # hidden 512, 8 layers (~26M params)
     python benchmarks/bench_memory.py --configs ga,npo,npo_resident --hidden 256
-    python benchmarks/bench_memory.py --configs eval,npo,npo_zo --model tasks/news/models/target
+    python benchmarks/bench_memory.py --configs eval,npo,npo_zo --model tasks/news/v3/models/target
 """
 
 from __future__ import annotations
@@ -160,7 +160,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-len", type=int, default=512)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--model", help="a saved model to use (e.g. tasks/news/models/target)")
+    p.add_argument("--model", help="a saved model to use (e.g. tasks/news/v3/models/target)")
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--tokenizer", help=argparse.SUPPRESS)
     return p.parse_args(argv)
