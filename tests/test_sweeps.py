@@ -171,8 +171,8 @@ def test_dry_run_prints_every_run_and_writes_nothing(tmp_path):
 
 
 def test_duplicate_runs_are_merged(tmp_path):
-    # lr 3e-4 is npo's embedded default: with and without it, the runner's run id is the same
-    data = {"name": "d", "defaults": {"corpus": "news", "algo": "npo"}, "list": [{}, {"lr": 3e-4}]}
+    # lr 5e-4 is npo's embedded v3 default: with and without it, the run id is the same
+    data = {"name": "d", "defaults": {"corpus": "news", "algo": "npo"}, "list": [{}, {"lr": 5e-4}]}
     assert len(plan(parse_sweep(data), tmp_path)) == 1
 
 
