@@ -82,6 +82,8 @@ def main() -> None:
     ap.add_argument("--extra", action="append", default=[], help="More `muse run` arguments.")
     ap.add_argument("--out", type=Path, default=None, help="Output dir (default: a temp dir).")
     args = ap.parse_args()
+    from muse_bench.data import parse_corpus
+
     if args.algo is None:
         from muse_bench.catalogue import load
 
@@ -106,7 +108,7 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|---|")
     for algo in args.algo:
         wall = muse(["run", "--algo", algo, *common, *args.extra])
-        b = breakdown(find_report(out, args.corpus.split("-v")[0], algo), wall)
+        b = breakdown(find_report(out, parse_corpus(args.corpus)[0], algo), wall)
         print(
             f"| {algo} | {b['wall']:.1f} | {b['startup']:.1f} | {b['references']:.1f} | "
             f"{b['train']:.1f} | {b['select']:.1f} | {b['final']:.1f} | {b['write']:.1f} | "

@@ -67,7 +67,7 @@ def fingerprint() -> str:
 def build() -> dict[str, Any]:
     """The listing, computed from the registries (imports torch)."""
     from muse_bench.core.hparams import describe
-    from muse_bench.data import default_version
+    from muse_bench.data import embedded_benchmark_id
     from muse_bench.engines import ENGINES
     from muse_bench.metrics.mia import available_attacks
     from muse_bench.unlearners import UNLEARNERS
@@ -75,7 +75,7 @@ def build() -> dict[str, Any]:
     methods = []
     for name in UNLEARNERS.names():
         cls = UNLEARNERS.get(name)
-        embedded = cls.defaults_for(f"embedded-news-v{default_version('news')}")
+        embedded = cls.defaults_for(embedded_benchmark_id("news"))  # the default version's
         methods.append(
             {
                 "name": name,

@@ -109,18 +109,19 @@ def source_for(benchmark: str, corpus: str, source: str | None) -> tuple[str, st
     """The `--corpus` and `--source` that give `benchmark` here (an embedded row's own
     version, e.g. news-v2 for embedded-news-v2); Unverifiable when this harness does not
     ship it (another embedded version) or cannot tell (a directory benchmark)."""
-    from muse_bench.data import embedded_versions
+    from muse_bench.data import embedded_benchmark_id, embedded_versions
 
     if source is not None:
         return corpus, source
     if benchmark.startswith("embedded-"):
-        version = benchmark.rsplit("-v", 1)[-1]
-        if benchmark != f"embedded-{corpus}-v{version}" or version not in embedded_versions():
-            shipped = ", ".join(f"embedded-{corpus}-v{v}" for v in embedded_versions())
+        specs = {f"{corpus}-v{v}" for v in embedded_versions()}
+        shipped = {embedded_benchmark_id(spec): spec for spec in sorted(specs)}
+        if benchmark not in shipped:
             raise Unverifiable(
-                f"the row is on {benchmark}; this harness ships {shipped} (use a matching version)"
+                f"the row is on {benchmark}; this harness ships {', '.join(shipped)} "
+                "(use a matching version)"
             )
-        return f"{corpus}-v{version}", "embedded"
+        return shipped[benchmark], "embedded"
     if benchmark.startswith("dir-"):
         raise Unverifiable("the row is on a local directory benchmark; pass its --source DIR")
     return corpus, "hub"
